@@ -1,0 +1,90 @@
+"""Run configs: checking them against a family's defaults, saving and loading them.
+
+A run config is an `ml_collections.ConfigDict` from a Python file's `get_config()`. It is
+checked once at start-up; every error names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from aigc_jax.errors import UserError, did_you_mean
+
+
+def check_against_defaults(cfg, defaults, prefix: str = "") -> None:
+  """Unknown keys (with a "did you mean") and values whose type differs from the default's."""
+  for key in cfg.keys():
+    field = f"{prefix}{key}"
+    if key not in defaults:
+      raise UserError(f"unknown config key '{field}'{did_you_mean(key, defaults.keys())}; "
+                      f"known keys here: {', '.join(sorted(defaults.keys()))}")
+    value, default = cfg[key], defaults[key]
+    if isinstance(default, (dict, ml_collections.ConfigDict)):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise UserError(f"config '{field}' must be a section of keys, got {value!r}")
+      check_against_defaults(value, default, field + ".")
+    elif default is not None and value is not None and not _same_kind(value, default):
+      raise UserError(f"config '{field}' must be of type {type(default).__name__}, got "
+                      f"{value!r} ({type(value).__name__})")
+
+
+def _same_kind(value, default) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
+def require(ok: bool, field: str, problem: str) -> None:
+  """Raises UserError("config 'field' problem") unless ok."""
+  if not ok:
+    raise UserError(f"config '{field}' {problem}")
+
+
+def require_positive(cfg, *fields: str) -> None:
+  for field in fields:
+    value = _get(cfg, field)
+    require(value > 0, field, f"must be positive, got {value!r}")
+
+
+def _get(cfg, dotted: str):
+  for part in dotted.split("."):
+    cfg = cfg[part]
+  return cfg
+
+
+def save_config(cfg, workdir: str) -> str:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(cfg.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in its workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
+                    "(aigc-jax train --config ... --workdir DIR writes it)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def differing_fields(old, new, prefix: str = "") -> list[str]:
+  """Dotted names of the fields whose values differ between two configs."""
+  old, new = dict(old), dict(new)
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, (dict, ml_collections.ConfigDict)) and isinstance(
+        b, (dict, ml_collections.ConfigDict)):
+      out += differing_fields(a, b, f"{prefix}{key}.")
+    elif a != b and not (isinstance(a, (list, tuple)) and list(a) == list(b or [])):
+      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return out

@@ -1,0 +1,68 @@
+"""Seeded, random-access batch sources whose position is a checkpointable integer.
+
+Batch i is a pure function of (seed, i), so resuming needs only the index of the next
+batch, and a restarted run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aigc_jax.errors import UserError
+
+
+class TokenWindows:
+  """Random windows of `seq_len + 1` tokens from one id stream.
+
+  batch(i) = {"inputs": [B, T] int32, "targets": [B, T] int32} with targets = inputs
+  shifted left by one.
+  """
+
+  def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    if tokens.ndim != 1:
+      raise UserError(f"token stream must be 1-D, got shape {tokens.shape}")
+    if len(tokens) < seq_len + 2:
+      raise UserError(f"the training split has {len(tokens)} tokens, fewer than "
+                      f"data.seq_len + 2 = {seq_len + 2}: add data or lower data.seq_len")
+    self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+    self.next_index = 0
+    self._offsets = np.arange(seq_len + 1)
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, index])
+    starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
+    return {"inputs": window[:, :-1], "targets": window[:, 1:]}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.next_index)
+    self.next_index += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"next_index": int(self.next_index), "seed": int(self.seed)}
+
+  def set_state(self, state: dict) -> None:
+    if int(state["seed"]) != self.seed:
+      raise UserError(f"the checkpoint's data iterator used seed {state['seed']}, this run "
+                      f"{self.seed}: resume with the original seed or start a new workdir")
+    self.next_index = int(state["next_index"])
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
+                 max_batches: int) -> list[dict[str, np.ndarray]]:
+  """Non-overlapping windows spread evenly over a validation stream, in whole batches."""
+  n_windows = (len(tokens) - 1) // seq_len
+  n_batches = min(max_batches, n_windows // batch_size)
+  if n_batches < 1:
+    raise UserError(f"the validation split has {len(tokens)} tokens, fewer than one batch "
+                    f"of train.batch_size x (data.seq_len + 1) = {batch_size} x {seq_len + 1}: "
+                    "add validation data (data.val_path or data.val_fraction) or lower them")
+  n = n_batches * batch_size
+  chosen = np.linspace(0, n_windows - 1, n).round().astype(np.int64) * seq_len
+  window = tokens[chosen[:, None] + np.arange(seq_len + 1)].astype(np.int32)
+  return [{"inputs": window[i:i + batch_size, :-1], "targets": window[i:i + batch_size, 1:]}
+          for i in range(0, n, batch_size)]

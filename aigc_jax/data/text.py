@@ -1,0 +1,140 @@
+"""Text corpora: the Python standard library's source (the default, on every machine),
+any plain-text file or folder, and tfds text datasets; deterministic train/val splits."""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from aigc_jax.errors import UserError
+
+Document = tuple[str, str]  # (name, text)
+
+# Folders left out of the standard-library corpus: tests, and installed third-party code.
+_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+  return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents(limit_files: int = 0) -> list[Document]:
+  """Every *.py file of the standard library outside test folders, sorted by path."""
+  root = stdlib_root()
+  files = sorted(p for p in root.rglob("*.py")
+                 if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
+  if limit_files:
+    files = files[:limit_files]
+  return [(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in files]
+
+
+def _is_text(path: Path) -> bool:
+  with open(path, "rb") as f:
+    return b"\0" not in f.read(4096)
+
+
+def text_documents(path: str) -> list[Document]:
+  """A text file as one document, or every text file under a folder (sorted)."""
+  p = Path(path).expanduser()
+  if not p.exists():
+    raise UserError(f"data path {path!r} does not exist: set data.path to a text file or a "
+                    "folder of text files")
+  if p.is_file():
+    files = [p]
+  else:
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                   and _is_text(f))
+    if not files:
+      raise UserError(f"data path {path!r} holds no text files")
+  docs = [(str(f.relative_to(p)) if p.is_dir() else f.name,
+           f.read_text("utf-8", errors="replace")) for f in files]
+  if not any(text for _, text in docs):
+    raise UserError(f"data path {path!r} holds only empty files")
+  return docs
+
+
+def tfds_documents(name: str, split: str, text_key: str, data_dir: str | None) -> list[Document]:
+  """A prepared tfds text dataset (no download at run time)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise UserError("data.name='tfds' needs tensorflow-datasets: pip install 'aigc_jax[tfds]'"
+                    ) from e
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:  # tfds raises several types for a missing or unprepared dataset
+    raise UserError(f"tfds dataset {name!r} (split {split!r}) is not prepared in "
+                    f"{data_dir or 'the default tfds data_dir'}: prepare it on a machine with "
+                    f"network access (`tfds build {name}`) and copy it there, or set "
+                    f"data.tfds_data_dir ({type(e).__name__}: {e})") from e
+  docs = []
+  for i, ex in enumerate(tfds.as_numpy(ds)):
+    if text_key not in ex:
+      raise UserError(f"tfds dataset {name!r} has no feature {text_key!r}; its features are "
+                      f"{sorted(ex)}: set data.tfds_text_key")
+    value = ex[text_key]
+    docs.append((f"{name}/{i}", value.decode("utf-8") if isinstance(value, bytes) else str(value)))
+  return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+  """Deterministic split: by a hash of each document's name when there are several, else
+  the last `val_fraction` of the single document's lines."""
+  if len(docs) == 1:
+    name, text = docs[0]
+    lines = text.splitlines(keepends=True)
+    cut = len(lines) - max(1, int(round(len(lines) * val_fraction)))
+    if cut < 1:
+      raise UserError(f"{name!r} has {len(lines)} line(s), too few to split into train and "
+                      "validation: add text or set data.val_path")
+    return [(name, "".join(lines[:cut]))], [(name + ":val", "".join(lines[cut:]))]
+  bucket = lambda name: zlib.crc32(name.encode()) % 10_000 / 10_000
+  train = [d for d in docs if bucket(d[0]) >= val_fraction]
+  val = [d for d in docs if bucket(d[0]) < val_fraction]
+  if not val or not train:  # tiny folders: fall back to a split by position
+    k = max(1, int(round(len(docs) * val_fraction)))
+    train, val = docs[:-k], docs[-k:]
+  return train, val
+
+
+def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
+  """(train, val) documents for the `data` section of a run config."""
+  name = data_cfg.name
+  if name == "stdlib":
+    docs = stdlib_documents(data_cfg.get("limit_files", 0))
+  elif name == "text":
+    if not data_cfg.path:
+      raise UserError("data.name='text' needs data.path: a text file or a folder of them")
+    docs = text_documents(data_cfg.path)
+  elif name == "tfds":
+    docs = tfds_documents(data_cfg.tfds_name, data_cfg.tfds_split, data_cfg.tfds_text_key,
+                          data_cfg.tfds_data_dir)
+  else:
+    raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text' or 'tfds'")
+  if data_cfg.get("val_path"):
+    return docs, text_documents(data_cfg.val_path)
+  return split_documents(docs, data_cfg.val_fraction)
+
+
+def tokenize_documents(tokenizer, docs: list[Document]) -> np.ndarray:
+  """All documents as one id stream, each followed by end-of-sequence; uint16 when the
+  vocabulary fits (halves host memory)."""
+  texts = [text for _, text in docs]
+  if hasattr(tokenizer, "encode_batch"):
+    pieces = tokenizer.encode_batch(texts)
+  else:
+    pieces = [tokenizer.encode(t) for t in texts]
+  eos = np.asarray([tokenizer.eos_id], np.int32)
+  ids = np.concatenate([x for p in pieces for x in (p, eos)]) if pieces else eos[:0]
+  return ids.astype(np.uint16 if tokenizer.vocab_size <= 65536 else np.int32)
+
+
+def corpus_size_bytes(docs: list[Document]) -> int:
+  return sum(len(t.encode("utf-8")) for _, t in docs)
+
+
+__all__ = ["load_documents", "split_documents", "stdlib_documents", "text_documents",
+           "tokenize_documents", "corpus_size_bytes"]

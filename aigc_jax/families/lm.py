@@ -1,0 +1,219 @@
+"""The transformer language model as a family on the shared loop: config, data,
+init, step, eval (loss, perplexity, bits per byte) and text samples."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from aigc_jax.config import require, require_positive
+from aigc_jax.data import text as text_data
+from aigc_jax.data.batching import TokenWindows, eval_windows
+from aigc_jax.data.tokenizers import ByteTokenizer, BpeTokenizer, load_tokenizer
+from aigc_jax.errors import UserError
+from aigc_jax.models.sampling import generate
+from aigc_jax.models.transformer import (ATTENTION_IMPLEMENTATIONS, DTYPES, Transformer,
+                                         TransformerConfig)
+from aigc_jax.train.optim import adamw
+from aigc_jax.train.state import TrainState
+from aigc_jax.train.steps import make_supervised_step
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key an LM run config may set, with its default (nanoGPT's CPU shape)."""
+  c = ml_collections.ConfigDict()
+  c.family = "lm"
+  c.seed = 0
+  c.model = dict(
+      vocab_size=0,  # 0: the tokenizer's vocabulary size
+      num_layers=4, num_heads=4, num_kv_heads=4, embed_dim=128,
+      mlp_dim=344,  # SwiGLU width with the FLOPs of a 4x GELU MLP
+      head_dim=0,  # 0: embed_dim // num_heads
+      max_seq_len=0,  # longest context for generation; 0: data.seq_len
+      dropout=0.0, tie_embeddings=True, rope_base=10000.0, norm_eps=1e-6,
+      dtype="float32",  # compute dtype; parameters are always float32
+      attention="auto",  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+      remat=False)
+  c.data = dict(
+      name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds
+      path="", val_path="", val_fraction=0.05,
+      limit_files=0,  # stdlib only: use the first N files (0: all)
+      seq_len=64,
+      tokenizer="byte",  # byte | bpe (trained on the training split, saved with the run)
+      bpe_vocab_size=4096,
+      tfds_name="", tfds_split="train", tfds_text_key="text", tfds_data_dir="")
+  c.train = dict(steps=1000, batch_size=12, grad_accum_steps=1, log_every=50,
+                 eval_every=500, eval_batches=16, checkpoint_every=500, keep_checkpoints=3)
+  c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9,
+                 b2=0.95, eps=1e-8, grad_clip=1.0)
+  c.sample = dict(prompt="def ", num=2, max_new_tokens=200, temperature=0.8, top_k=0,
+                  top_p=0.95)
+  c.mesh = dict(num_devices=-1)  # devices on the data axis (-1: all)
+  return c
+
+
+def validate(c) -> None:
+  m, d, t, o = c.model, c.data, c.train, c.optim
+  require_positive(c, "model.num_layers", "model.num_heads", "model.num_kv_heads",
+                   "model.embed_dim", "model.mlp_dim", "data.seq_len", "train.steps",
+                   "train.batch_size", "train.grad_accum_steps", "train.log_every",
+                   "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+                   "train.keep_checkpoints", "optim.lr")
+  require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the tokenizer)")
+  require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0: embed_dim // num_heads)")
+  require(m.max_seq_len >= 0, "model.max_seq_len", "must be >= 0 (0: data.seq_len)")
+  require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+          f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+  if m.head_dim == 0:
+    require(m.embed_dim % m.num_heads == 0, "model.embed_dim",
+            f"must be divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
+  head_dim = m.head_dim or m.embed_dim // m.num_heads
+  require(head_dim % 2 == 0, "model.head_dim", f"must be even for rotary embeddings, got {head_dim}")
+  require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+  require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+  require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
+          f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
+  if m.attention == "cudnn":
+    require(jax.default_backend() == "gpu", "model.attention",
+            f"'cudnn' needs a GPU, but JAX's backend is {jax.default_backend()!r}: use 'auto'")
+    require(m.dtype in ("bfloat16", "float16"), "model.attention",
+            "'cudnn' needs model.dtype bfloat16 or float16")
+  require(d.tokenizer in ("byte", "bpe"), "data.tokenizer", f"must be 'byte' or 'bpe', got {d.tokenizer!r}")
+  require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be at least 300")
+  require(d.name in ("stdlib", "text", "tfds"), "data.name",
+          f"must be 'stdlib', 'text' or 'tfds', got {d.name!r}")
+  require(d.name != "text" or bool(d.path), "data.path",
+          "is required with data.name='text': a text file or a folder of text files")
+  for field in ("path", "val_path"):
+    require(not d[field] or os.path.exists(os.path.expanduser(d[field])), f"data.{field}",
+            f"{d[field]!r} does not exist")
+  require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name", "is required with data.name='tfds'")
+  require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+  require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+          f"must divide train.batch_size={t.batch_size}")
+  require(o.warmup_steps >= 0 and o.weight_decay >= 0 and o.grad_clip >= 0
+          and 0 <= o.min_lr_ratio <= 1, "optim", "needs warmup_steps, weight_decay, grad_clip "
+          ">= 0 and min_lr_ratio in [0, 1]")
+
+
+class Family:
+  """The LM on the shared loop. Data is read lazily, so sampling from a trained run
+  needs only its tokenizer and checkpoint."""
+
+  name = "lm"
+  plot_keys = ("loss", "bits_per_byte")
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.tokenizer = self._tokenizer()
+    vocab = config.model.vocab_size or self.tokenizer.vocab_size
+    if vocab < self.tokenizer.vocab_size:
+      raise UserError(f"config 'model.vocab_size'={vocab} is smaller than the tokenizer's "
+                      f"{self.tokenizer.vocab_size} ids: set it to 0 (automatic)")
+    self.model_cfg = TransformerConfig.from_config(
+        config.model, vocab_size=vocab,
+        max_seq_len=config.model.max_seq_len or config.data.seq_len)
+    self.graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0))))[0]
+    self.tx, self.schedule = adamw(config.optim, config.train.steps)
+    self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule,
+                                           config.train.grad_accum_steps)
+    self.items_per_step = {"tokens": config.train.batch_size * config.data.seq_len}
+    self._byte_lengths = jnp.asarray(self.tokenizer.token_byte_lengths())
+
+  # --- data -------------------------------------------------------------------------
+  @functools.cached_property
+  def _documents(self):
+    return text_data.load_documents(self.config.data)
+
+  def _tokenizer(self):
+    if self.workdir and os.path.exists(os.path.join(self.workdir, "tokenizer.json")):
+      return load_tokenizer(self.workdir)
+    if self.config.data.tokenizer == "byte":
+      tok = ByteTokenizer()
+    else:
+      tok = BpeTokenizer.train((t for _, t in self._documents[0]),
+                               self.config.data.bpe_vocab_size)
+    if self.workdir:
+      tok.save(self.workdir)
+    return tok
+
+  @functools.cached_property
+  def _token_streams(self) -> tuple[np.ndarray, np.ndarray]:
+    train_docs, val_docs = self._documents
+    return (text_data.tokenize_documents(self.tokenizer, train_docs),
+            text_data.tokenize_documents(self.tokenizer, val_docs))
+
+  @functools.cached_property
+  def train_data(self) -> TokenWindows:
+    c = self.config
+    return TokenWindows(self._token_streams[0], c.train.batch_size, c.data.seq_len, c.seed)
+
+  def eval_batches(self):
+    c = self.config
+    if not hasattr(self, "_eval_batches"):
+      self._eval_batches = eval_windows(self._token_streams[1], c.train.batch_size,
+                                        c.data.seq_len, c.train.eval_batches)
+    return self._eval_batches
+
+  # --- model ------------------------------------------------------------------------
+  def init_state(self, rng: jax.Array) -> TrainState:
+    k_params, k_train = jax.random.split(rng)
+    model = Transformer(self.model_cfg, rngs=nnx.Rngs(params=k_params))
+    return TrainState.create(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.tx, k_train)
+
+  def model(self, params) -> Transformer:
+    return nnx.merge(self.graphdef, params)
+
+  def _loss(self, model, batch, rng):
+    deterministic = self.model_cfg.dropout == 0
+    logits_BTV = model(batch["inputs"], deterministic=deterministic,
+                       rngs=None if deterministic else nnx.Rngs(dropout=rng))
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
+    return loss, {"perplexity": jnp.exp(loss)}
+
+  def eval_step(self, state: TrainState, batch) -> dict:
+    logits_BTV = self.model(state.params)(batch["inputs"])
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    return {"nll_sum": nll_BT.sum(), "tokens": jnp.float32(nll_BT.size),
+            "bytes": self._byte_lengths[batch["targets"]].sum().astype(jnp.float32)}
+
+  def summarize_eval(self, sums: dict) -> dict:
+    loss = sums["nll_sum"] / sums["tokens"]
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+            "val_bits_per_byte": sums["nll_sum"] / (math.log(2) * sums["bytes"])}
+
+  # --- samples ----------------------------------------------------------------------
+  def generate_text(self, params, prompts: list[str], *, max_new_tokens: int, seed: int = 0,
+                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0) -> list[str]:
+    """Continuations of each prompt (an empty prompt starts a new document)."""
+    eos = self.tokenizer.eos_id
+    ids = [self.tokenizer.encode(p) if p else np.asarray([eos]) for p in prompts]
+    out = generate(self.model(params), ids, max_new_tokens=max_new_tokens,
+                   key=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
+                   top_p=top_p, eos_id=eos)
+    return [self.tokenizer.decode(o) for o in out]
+
+  def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
+    s = self.config.sample
+    prompt_len = len(self.tokenizer.encode(s.prompt)) or 1
+    budget = min(s.max_new_tokens, self.model_cfg.max_seq_len - prompt_len)
+    if budget < 1:
+      return []
+    texts = self.generate_text(state.params, [s.prompt] * s.num, max_new_tokens=budget,
+                               seed=step, temperature=s.temperature, top_k=s.top_k,
+                               top_p=s.top_p)
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"step_{step:07d}.txt")
+    with open(path, "w") as f:
+      for i, text in enumerate(texts):
+        f.write(f"=== sample {i} (step {step}) ===\n{s.prompt}{text}\n\n")
+    return [path]

@@ -1,0 +1,162 @@
+"""Decoder-only transformer language model, Llama-style (Flax NNX).
+
+RMSNorm pre-normalisation, rotary positions, SwiGLU MLP, grouped-query attention,
+optional tied embeddings, dropout and block rematerialisation. Parameters are float32;
+`dtype` is the compute dtype; logits are returned in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  mlp_dim: int
+  head_dim: int = 0  # 0: embed_dim // num_heads
+  max_seq_len: int = 2048  # longest sequence decoding may reach (cache size bound)
+  dropout: float = 0.0
+  tie_embeddings: bool = True
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  attention: str = "auto"
+  remat: bool = False
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.embed_dim // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> TransformerConfig:
+    """From the `model` section of a run config (a ConfigDict or mapping)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(model_cfg).items() if k in fields}
+    values.update(overrides)
+    return cls(**values)
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    D, H = self.embed_dim, self.resolved_head_dim
+    attn = D * H * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * D * self.mlp_dim + 2 * D
+    emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + D + (emb if include_embeddings else 0)
+
+  def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+    """Matmul FLOPs per token, MaxText's convention: 2 per multiply-add, causal attention
+    counted at half, training = 3x forward."""
+    D, H, L = self.embed_dim, self.resolved_head_dim, self.num_layers
+    proj = 2 * D * H * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 2 * 3 * D * self.mlp_dim
+    attn = 2 * 2 * seq_len * self.num_heads * H / 2  # QK^T and AV, causal half
+    head = 2 * D * self.vocab_size
+    forward = L * (proj + mlp + attn) + head
+    return forward * (3 if training else 1)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    impl = None if cfg.attention == "auto" else cfg.attention
+    self.attn_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                          rope_base=cfg.rope_base, implementation=impl, dtype=dtype,
+                          param_dtype=jnp.float32, rngs=rngs)
+    self.mlp_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout)
+    self.dtype = dtype
+
+  def __call__(self, x_BTD, positions_BT, cache, cache_index, mask_B1TS, deterministic, rngs):
+    # Norms run in float32 (the residual stream's dtype); matmuls in the compute dtype.
+    h = self.attn_norm(x_BTD).astype(self.dtype)
+    h, cache = self.attn(h, positions_BT, cache=cache, cache_index=cache_index,
+                         mask_B1TS=mask_B1TS)
+    x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+    h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype))
+    x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+    return x_BTD, cache
+
+
+def _run_block(block, x, positions, deterministic, rngs):
+  return block(x, positions, None, None, None, deterministic, rngs)[0]
+
+
+class Transformer(nnx.Module):
+  """tokens [B, T] int32 -> logits [B, T, V] float32 (and an updated cache when given)."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    # GPT-2's initialisation; the embedding also serves as the output layer when tied.
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=DTYPES[cfg.dtype],
+                           param_dtype=jnp.float32,
+                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.embed_dropout = nnx.Dropout(cfg.dropout)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False,
+                                dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
+               cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
+               start_B: jax.Array | None = None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None):
+    """Without `cache`: causal LM over the T tokens; returns logits_BTV.
+
+    With `cache` (from `init_cache`): the tokens occupy absolute slots
+    [cache_index, cache_index + T); row b's real tokens start at slot start_B[b] (left
+    padding before it is masked out and positions count from it). Returns
+    (logits_BTV, new_cache).
+    """
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    dtype = DTYPES[cfg.dtype]
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x_BTD = self.embed(tokens_BT).astype(jnp.float32)
+    x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic, rngs=rngs)
+    mask_B1TS = None
+    if cache is not None:
+      S = cache[0].k_BSKH.shape[1]
+      if start_B is None:
+        start_B = jnp.zeros((B,), jnp.int32)
+      slot_S = jnp.arange(S, dtype=jnp.int32)
+      query_slot_T = cache_index + jnp.arange(T, dtype=jnp.int32)
+      mask_B1TS = ((slot_S[None, None, None, :] >= start_B[:, None, None, None])
+                   & (slot_S[None, None, None, :] <= query_slot_T[None, None, :, None]))
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      if cache is None and cfg.remat:
+        x_BTD = nnx.remat(_run_block, static_argnums=(3,))(block, x_BTD, positions_BT,
+                                                           deterministic, rngs)
+      else:
+        x_BTD, layer_cache = block(x_BTD, positions_BT, None if cache is None else cache[i],
+                                   cache_index, mask_B1TS, deterministic, rngs)
+        new_cache.append(layer_cache)
+    h_BTD = self.final_norm(x_BTD).astype(dtype)
+    if cfg.tie_embeddings:
+      logits_BTV = self.embed.attend(h_BTD)
+    else:
+      logits_BTV = self.lm_head(h_BTD)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    cfg = self.cfg
+    return [init_kv_cache(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim,
+                          DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]

@@ -1,0 +1,199 @@
+"""The one training loop every model family runs on.
+
+Compiles the family's pure step once (ahead of time, state donated, shardings explicit),
+feeds it seeded batches, reads step N's metrics only after step N+1 is dispatched, evaluates,
+writes samples, checkpoints asynchronously and resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from aigc_jax import config as config_lib
+from aigc_jax.errors import UserError
+from aigc_jax.families import get_family_module
+from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.checkpoint import Checkpointer
+from aigc_jax.train.metrics import MetricsWriter, plot_curves
+
+
+def prepare_config(config):
+  """Checks a run config against its family's defaults and rules; returns the family
+  module."""
+  family = config.get("family")
+  if family is None:
+    raise UserError("config has no 'family' key: start from a family's default_config(), "
+                    "e.g. aigc_jax.families.lm.default_config()")
+  module = get_family_module(family)
+  config_lib.check_against_defaults(config, module.default_config())
+  module.validate(config)
+  return module
+
+
+def prepare_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}): choose another "
+                    "--workdir") from e
+  return workdir
+
+
+def _check_resume_config(config, workdir: str) -> None:
+  """A resumed run must build the same model on the same data; the schedule may change."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  old = config_lib.load_config(workdir)
+  fixed = [f for section in ("family", "seed", "model", "data")
+           for f in config_lib.differing_fields({section: old.get(section)},
+                                                {section: config.get(section)})]
+  if fixed:
+    raise UserError(f"workdir {workdir!r} holds a run with a different configuration "
+                    f"({'; '.join(fixed)}): use a new --workdir, or the original settings")
+
+
+@dataclasses.dataclass
+class Run:
+  """A family bound to a mesh, with its state and compiled steps (for training or
+  inference)."""
+
+  config: object
+  workdir: str
+  family: object
+  mesh: jax.sharding.Mesh
+  state: object
+  checkpointer: Checkpointer
+  state_sharding: object = None
+
+  def compile_train_step(self, batch):
+    jitted = jax.jit(self.family.train_step,
+                     in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
+                     out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
+                     donate_argnums=0)
+    return jitted.lower(self.state, batch).compile()
+
+  def evaluate(self) -> dict[str, float]:
+    """The family's metrics over all its eval batches (sums accumulated on device; one
+    transfer at the end)."""
+    if not hasattr(self, "_eval_step"):
+      self._eval_step = jax.jit(
+          self.family.eval_step,
+          in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
+          out_shardings=mesh_lib.replicated(self.mesh))
+    totals = None
+    for batch in self.family.eval_batches():
+      sums = self._eval_step(self.state, mesh_lib.put_batch(batch, self.mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    return self.family.summarize_eval(totals)
+
+
+def open_run(config, workdir: str, *, for_training: bool) -> Run:
+  """Builds the family and state; restores the newest checkpoint if there is one."""
+  module = prepare_config(config)
+  workdir = prepare_workdir(workdir)
+  if for_training:
+    _check_resume_config(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+  mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
+  family = module.Family(config, workdir)
+  replicated = mesh_lib.replicated(mesh)
+  init = jax.jit(family.init_state, out_shardings=replicated)
+  state = init(jax.random.PRNGKey(config.seed))
+  state_sharding = jax.tree.map(lambda _: replicated, state)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.train.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, data_state, _ = checkpointer.restore(state)
+    family.train_data.set_state(data_state)
+  elif not for_training:
+    raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
+                    f"(aigc-jax train --config ... --workdir {workdir})")
+  return Run(config, workdir, family, mesh, state, checkpointer, state_sharding)
+
+
+def train(config, workdir: str, *, progress: bool | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir` to `config.train.steps`; returns a summary
+  with the final evaluation."""
+  run = open_run(config, workdir, for_training=True)
+  config_lib.save_config(config, run.workdir)
+  family, mesh, tcfg = run.family, run.mesh, config.train
+  total = tcfg.steps
+  start = int(jax.device_get(run.state.step))
+  writer = MetricsWriter(run.workdir)
+  config_dict = config.to_dict()
+  summary = {"workdir": run.workdir, "start_step": start}
+  if start >= total:
+    summary.update(run.evaluate(), steps=start)
+    run.checkpointer.close()
+    writer.close()
+    return summary
+
+  batch = mesh_lib.put_batch(next(family.train_data), mesh)
+  t0 = time.perf_counter()
+  step_fn = run.compile_train_step(batch)
+  summary["compile_seconds"] = time.perf_counter() - t0
+
+  bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,
+             disable=not (sys.stderr.isatty() if progress is None else progress))
+  pending = None  # (step, device metrics) waiting for the next dispatch
+  window_start, window_steps = time.perf_counter(), 0
+  last_eval = None
+
+  def flush(pending):
+    nonlocal window_start, window_steps
+    step, metrics = pending
+    values = jax.device_get(metrics)
+    now = time.perf_counter()
+    rate = window_steps / max(now - window_start, 1e-9)
+    window_start, window_steps = now, 0
+    extra = {"steps_per_sec": rate}
+    extra.update({f"{k}_per_sec": v * rate for k, v in family.items_per_step.items()})
+    record = writer.write(step, "train", {**values, **extra})
+    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    return record
+
+  state = run.state
+  for step in range(start, total):
+    state, metrics = step_fn(state, batch)  # dispatch step; runs asynchronously
+    window_steps += 1
+    done = step + 1
+    data_state = family.train_data.get_state()  # position after this step's batch
+    if done < total:
+      batch = mesh_lib.put_batch(next(family.train_data), mesh)  # host work overlaps device
+    if pending is not None:
+      flush(pending)
+      pending = None
+    if done % tcfg.log_every == 0 or done == total:
+      pending = (done, metrics)
+    bar.update(1)
+    run.state = state
+    if done % tcfg.eval_every == 0 or done == total:
+      if pending is not None:
+        flush(pending)
+        pending = None
+      last_eval = run.evaluate()
+      writer.write(done, "val", last_eval)
+      family.write_samples(state, done, run.workdir)
+      plot_curves(run.workdir, family.plot_keys)
+      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+    if done % tcfg.checkpoint_every == 0 or done == total:
+      run.checkpointer.save(done, state, data_state, config_dict)
+  bar.close()
+  run.checkpointer.close()
+  writer.close()
+  summary.update(last_eval or {}, steps=total)
+  return summary

@@ -1,0 +1,85 @@
+"""Run metrics: JSON lines (one record per step and split), TensorBoard events, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends {"step", "split", **metrics} records to `metrics.jsonl` and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a")
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard events are optional; JSONL is the record
+      pass
+
+  def write(self, step: int, split: str, metrics: dict) -> dict:
+    record = {"step": int(step), "split": split}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+    return record
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _to_python(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str | None:
+  """Plots each key per split against step into workdir/plots/filename."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    by_split: dict[str, dict[int, float]] = {}
+    for r in records:  # a resumed run may log a step twice: the later record wins
+      metric = key if key in r else f"{r['split']}_{key}"
+      if metric in r:
+        by_split.setdefault(r["split"], {})[r["step"]] = r[metric]
+    for split, points in sorted(by_split.items()):
+      steps = sorted(points)
+      ax.plot(steps, [points[s] for s in steps], marker="o" if split != "train" else None,
+              label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  out = os.path.join(out_dir, filename)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out

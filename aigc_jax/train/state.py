@@ -1,0 +1,31 @@
+"""The train state: one pytree that steps transform, Orbax saves and shardings apply to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  """step: int32 scalar; params: NNX parameters as a pure nested dict (`nnx.to_pure_dict`);
+  opt_state: Optax state; rng: uint32 [2] base key (per-step keys are folded from it);
+  extra: family-specific arrays (e.g. EMA parameters, a second optimizer's state)."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  extra: Any = struct.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, params, tx, rng: jax.Array, extra=None) -> TrainState:
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               rng=rng, extra=extra or {})
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))

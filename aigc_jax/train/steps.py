@@ -1,0 +1,65 @@
+"""Pure train-step builders shared by model families."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from aigc_jax.train.state import TrainState
+
+# loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def split_microbatches(batch, num_micro: int):
+  """[B, ...] -> [A, B/A, ...]; micro-batch i takes rows i, i+A, ... so that, with the batch
+  sharded over devices, every micro-batch stays spread over all of them."""
+  return jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1),
+      batch)
+
+
+def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
+                         tx: optax.GradientTransformation, schedule: optax.Schedule,
+                         grad_accum_steps: int = 1):
+  """(state, batch) -> (state, metrics): one optimizer update from the mean gradient of
+  `grad_accum_steps` micro-batches (a `lax.scan`, so memory is that of one micro-batch).
+
+  Per-step randomness is `fold_in(state.rng, state.step)`: deterministic, and the same
+  whether or not the run was resumed.
+  """
+
+  def loss_of_params(params, batch, rng):
+    return loss_fn(nnx.merge(graphdef, params), batch, rng)
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if grad_accum_steps == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro = split_microbatches(batch, grad_accum_steps)
+
+      def accumulate(carry, inputs):
+        i, mb = inputs
+        (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
+      zero = (zero[0][0], zero[0][1], zero[1])
+      total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum_steps), micro))
+      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step), **aux}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step

@@ -88,3 +88,26 @@ def differing_fields(old, new, prefix: str = "") -> list[str]:
     elif a != b and not (isinstance(a, (list, tuple)) and list(a) == list(b or [])):
       out.append(f"{prefix}{key}: {a!r} -> {b!r}")
   return out
+
+
+def config_from_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Calls get_config() of a Python config file; `overrides` maps dotted keys to values."""
+  import importlib.util
+
+  if not os.path.exists(path):
+    raise UserError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location("aigc_jax_user_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise UserError(f"config file {path!r} defines no get_config()")
+  cfg = module.get_config()
+  for dotted, value in (overrides or {}).items():
+    *parents, leaf = dotted.split(".")
+    section = cfg
+    for p in parents:
+      section = section[p]
+    if leaf not in section:
+      raise UserError(f"unknown config key '{dotted}'{did_you_mean(leaf, section.keys())}")
+    section[leaf] = value
+  return cfg

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
                  eval_every=500, eval_batches=16, checkpoint_every=500, keep_checkpoints=3)
   c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9,
                  b2=0.95, eps=1e-8, grad_clip=1.0)
+  # Samples written at each evaluation (num=0: none), and the CLI's sampling defaults.
   c.sample = dict(prompt="def ", num=2, max_new_tokens=200, temperature=0.8, top_k=0,
                   top_p=0.95)
   c.mesh = dict(num_devices=-1)  # devices on the data axis (-1: all)
@@ -205,7 +206,7 @@ class Family:
     s = self.config.sample
     prompt_len = len(self.tokenizer.encode(s.prompt)) or 1
     budget = min(s.max_new_tokens, self.model_cfg.max_seq_len - prompt_len)
-    if budget < 1:
+    if budget < 1 or s.num < 1:
       return []
     texts = self.generate_text(state.params, [s.prompt] * s.num, max_new_tokens=budget,
                                seed=step, temperature=s.temperature, top_k=s.top_k,

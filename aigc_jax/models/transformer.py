@@ -11,7 +11,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from aigc_jax.errors import UserError
 
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
 
@@ -66,6 +69,23 @@ class TransformerConfig:
     head = 2 * D * self.vocab_size
     forward = L * (proj + mlp + attn) + head
     return forward * (3 if training else 1)
+
+
+def check_tokens(tokens_BT, vocab_size: int) -> None:
+  """Rank and dtype always; the id range too when the values are concrete (outside jit)."""
+  shape, dtype = jnp.shape(tokens_BT), jnp.result_type(tokens_BT)
+  if len(shape) != 2:
+    raise UserError(f"tokens must have shape [batch, seq_len], got shape {shape}: add a batch "
+                    "axis with tokens[None] for a single sequence")
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise UserError(f"tokens must be integer ids, got dtype {dtype}")
+  try:
+    values = np.asarray(tokens_BT)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced: checked where the data enters (tokenizer, batcher, generate)
+  if values.size and (values.min() < 0 or values.max() >= vocab_size):
+    bad = values[(values < 0) | (values >= vocab_size)][0]
+    raise UserError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
 
 
 class Block(nnx.Module):
@@ -124,6 +144,7 @@ class Transformer(nnx.Module):
     (logits_BTV, new_cache).
     """
     cfg = self.cfg
+    check_tokens(tokens_BT, cfg.vocab_size)
     B, T = tokens_BT.shape
     dtype = DTYPES[cfg.dtype]
     if positions_BT is None:

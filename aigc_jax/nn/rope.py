@@ -16,7 +16,7 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.A
     raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
   half = head_dim // 2
   inv_freq_F = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+  angles_BTF = positions_BT.astype(jnp.float32)[:, :, None] * inv_freq_F[None, None, :]
   sin_BT1F = jnp.sin(angles_BTF)[:, :, None, :]
   cos_BT1F = jnp.cos(angles_BTF)[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)

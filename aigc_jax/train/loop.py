@@ -189,7 +189,8 @@ def train(config, workdir: str, *, progress: bool | None = None) -> dict:
       writer.write(done, "val", last_eval)
       family.write_samples(state, done, run.workdir)
       plot_curves(run.workdir, family.plot_keys)
-      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()))
+      bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()),
+                file=sys.stderr)
     if done % tcfg.checkpoint_every == 0 or done == total:
       run.checkpointer.save(done, state, data_state, config_dict)
   bar.close()

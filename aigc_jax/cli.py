@@ -1,0 +1,112 @@
+"""`aigc-jax train|sample|eval`: a thin shell over the library.
+
+  aigc-jax train --config configs/lm_code.py --workdir runs/lm [--config.train.steps=2000]
+  aigc-jax sample --workdir runs/lm [--prompt TEXT] [--num N] [--max-new-tokens N]
+                  [--temperature T] [--top-k K] [--top-p P] [--seed S]
+  aigc-jax eval --workdir runs/lm
+
+Problems a user can fix print one line and exit with status 2 (--verbose: traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from aigc_jax.errors import UserError
+
+COMMANDS = ("train", "sample", "eval")
+USAGE = __doc__
+
+
+def _define_flags(command: str) -> None:
+  flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, samples).",
+                      required=True)
+  flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+  if command == "train":
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file exposing get_config().",
+                                    lock_config=True)
+  elif command == "sample":
+    flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for several prompts).")
+    flags.DEFINE_integer("num", None, "Samples per prompt (default: the config's sample.num).")
+    flags.DEFINE_integer("max-new-tokens", None, "Tokens to generate per sample.")
+    flags.DEFINE_float("temperature", None, "Sampling temperature (0: greedy).")
+    flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0: all).")
+    flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1.0: all).")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _run(command: str) -> None:
+  FLAGS = flags.FLAGS
+  if command == "train":
+    from aigc_jax.train import train
+    try:
+      config = FLAGS.config
+      if config is not None:
+        config.keys()  # a config file that failed to load raises only when used
+    except OSError as e:  # config_flags loads the file lazily
+      raise UserError(f"cannot load --config: {str(e).splitlines()[-1].strip()}") from e
+    if config is None:
+      raise UserError("--config is required: e.g. --config configs/lm_tiny.py")
+    summary = train(config, FLAGS.workdir)
+    print(json.dumps(summary, indent=2))
+    return
+  from aigc_jax import config as config_lib
+  from aigc_jax.train import open_run
+  config = config_lib.load_config(FLAGS.workdir)
+  run = open_run(config, FLAGS.workdir, for_training=False)
+  if command == "eval":
+    metrics = run.evaluate()
+    print(json.dumps({"step": int(run.state.step), **metrics}))
+    return
+  s = config.sample
+  option = lambda name, default: default if FLAGS[name].value is None else FLAGS[name].value
+  prompts = FLAGS.prompt if FLAGS.prompt else [s.prompt]
+  num = option("num", s.num)
+  texts = run.family.generate_text(
+      run.state.params, [p for p in prompts for _ in range(num)],
+      max_new_tokens=option("max-new-tokens", s.max_new_tokens), seed=FLAGS.seed,
+      temperature=option("temperature", s.temperature), top_k=option("top-k", s.top_k),
+      top_p=option("top-p", s.top_p))
+  for i, text in enumerate(texts):
+    print(f"=== sample {i} ===\n{prompts[i // num]}{text}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    print(USAGE, file=sys.stderr)
+    sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
+  command = argv.pop(1)
+  _define_flags(command)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+      # Bad flags or --config.KEY overrides (ml_collections adds a "did you mean").
+      message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+      if message[:1] == message[-1:] and message[:1] in "'\"":
+        message = message[1:-1]
+      print(f"error: {message}\n(see aigc-jax --help)", file=sys.stderr)
+      sys.exit(2)
+
+  def entry(_):
+    if not flags.FLAGS.verbose:
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    try:
+      _run(command)
+    except UserError as e:
+      if flags.FLAGS.verbose:
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(entry, argv=argv, flags_parser=parse)
+
+
+if __name__ == "__main__":
+  main()

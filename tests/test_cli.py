@@ -1,0 +1,52 @@
+"""The CLI end to end, in fresh processes: train, resume, sample, eval, and clear errors."""
+
+import json
+
+from tests.conftest import TINY_CONFIG, run_cli
+
+
+def test_train_resume_sample_eval(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,
+                  "--config.train.steps=10", "--config.sample.num=0")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert json.loads(first.stdout)["start_step"] == 0
+
+  resumed = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,
+                    "--config.train.steps=20")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  summary = json.loads(resumed.stdout)
+  assert summary["start_step"] == 10 and summary["steps"] == 20
+
+  sample = run_cli("sample", "--workdir", workdir, "--prompt", "import ", "--prompt", "class ",
+                   "--num", "2", "--max-new-tokens", "12", "--temperature", "0.7",
+                   "--top-k", "20", "--top-p", "0.9", "--seed", "3")
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert sample.stdout.count("=== sample") == 4
+  assert "import " in sample.stdout and "class " in sample.stdout
+
+  evaluation = run_cli("eval", "--workdir", workdir)
+  assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+  metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
+  assert metrics["step"] == 20
+  assert metrics["val_loss"] == summary["val_loss"]
+  assert {"val_bits_per_byte", "val_perplexity"} <= set(metrics)
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path):
+  cases = [
+      (["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "a"),
+        "--config.model.num_layer=3"], "num_layers"),
+      (["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "b"),
+        "--config.model.num_heads=0"], "'model.num_heads' must be positive"),
+      (["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "c"),
+        "--config.data.name=text", "--config.data.path=/no/such/corpus"], "does not exist"),
+      (["train", "--config", "configs/none.py", "--workdir", str(tmp_path / "d")],
+       "cannot load --config"),
+      (["eval", "--workdir", str(tmp_path / "missing")], "no config.json"),
+  ]
+  for args, message in cases:
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert message in proc.stderr, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr

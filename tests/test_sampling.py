@@ -1,0 +1,78 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aigc_jax import Transformer, TransformerConfig, UserError, generate, sample_logits
+
+CFG = TransformerConfig(vocab_size=50, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=16,
+                        mlp_dim=32, max_seq_len=40)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CFG, rngs=nnx.Rngs(3))
+
+
+def greedy_reference(model, prompt, n):
+  """Greedy decoding by full recomputation of the whole sequence at every step (right
+  padding to one fixed length is harmless: the model is causal)."""
+  seq = list(prompt)
+  for _ in range(n):
+    padded = jnp.zeros((1, 16), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
+    seq.append(int(jnp.argmax(_forward(model, padded)[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+@nnx.jit
+def _forward(model, t):
+  return model(t)
+
+
+def test_greedy_generation_equals_full_recomputation_for_batched_prompts(model):
+  prompts = [np.array([3, 4, 5, 6, 7]), np.array([9]), np.array([1, 2])]
+  out = generate(model, prompts, max_new_tokens=6, key=jax.random.PRNGKey(0), temperature=0)
+  for p, o in zip(prompts, out):
+    assert list(o) == greedy_reference(model, p, 6)
+
+
+def test_generation_stops_at_eos(model):
+  prompt = np.array([3, 4, 5])
+  ref = greedy_reference(model, prompt, 8)
+  eos = ref[3]
+  out = generate(model, [prompt], max_new_tokens=8, key=jax.random.PRNGKey(0),
+                 temperature=0, eos_id=eos)[0]
+  assert list(out) == ref[:ref.index(eos)]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+  draw = jax.jit(jax.vmap(lambda k, t, kk, p: sample_logits(logits, k, 1.0, kk, p)[0],
+                          in_axes=(0, None, None, None)), static_argnums=(1, 2, 3))
+  assert set(np.asarray(draw(keys, 1.0, 2, 1.0)).tolist()) == {0, 1}
+  # top_p=0.7: 0.5 alone is below 0.7, 0.5+0.3 reaches it: ids {0, 1}
+  assert set(np.asarray(draw(keys, 1.0, 0, 0.7)).tolist()) == {0, 1}
+  assert set(np.asarray(draw(keys, 1.0, 0, 0.4)).tolist()) == {0}
+  assert set(np.asarray(draw(keys, 1.0, 0, 1.0)).tolist()) == {0, 1, 2, 3}
+  assert int(sample_logits(logits, keys[0], 0.0, 0, 1.0)[0]) == 0
+
+
+def test_sampling_is_seeded(model):
+  kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9)
+  a = generate(model, [np.array([1, 2])], key=jax.random.PRNGKey(5), **kw)[0]
+  b = generate(model, [np.array([1, 2])], key=jax.random.PRNGKey(5), **kw)[0]
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("prompts, kw, message", [
+    ([np.array([1, 60])], {}, "outside the vocabulary"),
+    ([np.arange(35) % 50], {"max_new_tokens": 10}, "context"),
+    ([np.array([], np.int32)], {}, "at least one token"),
+    ([np.array([1])], {"top_p": 0.0}, "top_p"),
+])
+def test_bad_generation_requests(model, prompts, kw, message):
+  kw = {"max_new_tokens": 4, "key": jax.random.PRNGKey(0), **kw}
+  with pytest.raises(UserError, match=message):
+    generate(model, prompts, **kw)

@@ -1,0 +1,119 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aigc_jax import Transformer, TransformerConfig, UserError
+
+CFG = TransformerConfig(vocab_size=97, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                        mlp_dim=64, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def forward(model, t):
+  return model(t)
+
+
+@nnx.jit
+def cached_forward(model, t, positions, cache, cache_index, start):
+  return model(t, positions, cache=cache, cache_index=cache_index, start_B=start)
+
+
+def tokens(shape, seed=0):
+  return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, CFG.vocab_size)
+
+
+def test_shapes_and_param_count(model):
+  logits = forward(model, tokens((3, 11)))
+  assert logits.shape == (3, 11, CFG.vocab_size) and logits.dtype == jnp.float32
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n == CFG.num_params()
+
+
+def test_causal(model):
+  t = tokens((2, 16))
+  changed = t.at[:, 9:].set((t[:, 9:] + 5) % CFG.vocab_size)
+  a, b = forward(model, t), forward(model, changed)
+  np.testing.assert_array_equal(a[:, :9], b[:, :9])
+  assert not np.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_kv_cache_decoding_equals_full_recomputation(model):
+  t = tokens((2, 20), seed=1)
+  full = forward(model, t)
+  cache = model.init_cache(2, 20)
+  start = jnp.zeros((2,), jnp.int32)
+  prefill_pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  logits, cache = cached_forward(model, t[:, :7], prefill_pos, cache, jnp.int32(0), start)
+  steps = [logits]
+  for i in range(7, 20):
+    pos = jnp.full((2, 1), i, jnp.int32)
+    logits, cache = cached_forward(model, t[:, i:i + 1], pos, cache, jnp.int32(i), start)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_rows_match_unpadded(model):
+  """A row left-padded by 5 slots (masked, positions from its start) gives the logits the
+  unpadded sequence gives."""
+  t = tokens((1, 10), seed=2)
+  padded = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), t], axis=1)
+  positions = jnp.maximum(jnp.arange(15)[None] - 5, 0)
+  cache = model.init_cache(1, 15)
+  logits, _ = cached_forward(model, padded, positions, cache, jnp.int32(0), jnp.array([5]))
+  np.testing.assert_allclose(logits[:, 5:], forward(model, t), atol=1e-5, rtol=0)
+
+
+def test_grouped_query_attention_shapes():
+  cfg = TransformerConfig(vocab_size=11, num_layers=1, num_heads=6, num_kv_heads=1,
+                          embed_dim=24, mlp_dim=16, tie_embeddings=False)
+  m = Transformer(cfg, rngs=nnx.Rngs(1))
+  assert m.blocks[0].attn.k_proj.kernel.value.shape == (24, 4)
+  assert forward(m, tokens((1, 5)) % 11).shape == (1, 5, 11)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = TransformerConfig(vocab_size=97, num_layers=1, num_heads=2, num_kv_heads=2,
+                          embed_dim=16, mlp_dim=32, dtype="bfloat16")
+  m = Transformer(cfg, rngs=nnx.Rngs(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  out = forward(m, tokens((1, 4)))
+  assert out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+
+
+def test_remat_gives_same_gradients():
+  base = dict(vocab_size=97, num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=16, mlp_dim=32)
+  t = tokens((2, 8))
+  grads = []
+  for remat in (False, True):
+    m = Transformer(TransformerConfig(**base, remat=remat), rngs=nnx.Rngs(0))
+    g = nnx.jit(nnx.grad(lambda m: m(t).mean()))(m)
+    grads.append(jax.tree.leaves(nnx.state(g)))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([[1, 2, 97]]), "outside the vocabulary"),
+    (np.array([[-1, 2]]), "outside the vocabulary"),
+    (np.array([1, 2, 3]), "shape"),
+    (np.array([[1.0, 2.0]]), "integer"),
+])
+def test_bad_tokens_raise_clear_errors(model, bad, message):
+  with pytest.raises(UserError, match=message):
+    model(jnp.asarray(bad))
+
+
+def test_flops_count_matches_matmul_shapes():
+  # One layer, no attention cost at seq_len=0: forward FLOPs = 2 * (params in matmuls).
+  cfg = TransformerConfig(vocab_size=50, num_layers=1, num_heads=2, num_kv_heads=1,
+                          embed_dim=8, mlp_dim=12)
+  matmul_params = 8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 12 + 50 * 8
+  assert cfg.flops_per_token(0, training=False) == 2 * matmul_params
+  assert cfg.flops_per_token(0, training=True) == 6 * matmul_params

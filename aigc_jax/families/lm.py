@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
       max_seq_len=0,  # longest context for generation; 0: data.seq_len
       dropout=0.0, tie_embeddings=True, rope_base=10000.0, norm_eps=1e-6,
       dtype="float32",  # compute dtype; parameters are always float32
-      attention="auto",  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+      attention="auto",  # auto (cudnn on GPU, einsum elsewhere) | einsum | xla | cudnn | jax
       remat=False)
   c.data = dict(
       name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds

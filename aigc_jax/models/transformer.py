@@ -19,7 +19,15 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
+
+
+def resolve_attention(name: str) -> str:
+  """'auto': cuDNN's fused kernel on GPU, our einsum attention elsewhere (faster than
+  XLA's generic path on CPU)."""
+  if name != "auto":
+    return name
+  return "cudnn" if jax.default_backend() == "gpu" else "einsum"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,9 @@ def check_tokens(tokens_BT, vocab_size: int) -> None:
 class Block(nnx.Module):
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
-    impl = None if cfg.attention == "auto" else cfg.attention
+    impl = resolve_attention(cfg.attention)
+    if impl == "cudnn" and cfg.dtype == "float32":
+      impl = "jax"  # cuDNN's fused attention needs 16-bit inputs
     self.attn_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                           rope_base=cfg.rope_base, implementation=impl, dtype=dtype,

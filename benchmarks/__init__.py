@@ -1,0 +1,1 @@
+"""Step-throughput benchmarks (scripts that print figures; never timed tests)."""

@@ -12,6 +12,9 @@ from flax import nnx
 from aigc_jax.train.state import TrainState
 
 # loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics)
+# optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -57,7 +60,7 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": _tree_norm(grads),
                "lr": schedule(state.step), **aux}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -19,7 +19,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/aigc-jax train --config configs/lm_code.py --workdir $(DEMO_DIR)/lm
-	$(BIN)/aigc-jax sample --workdir $(DEMO_DIR)/lm --num 3 --max-new-tokens 240 \
+	$(BIN)/aigc-jax sample --workdir $(DEMO_DIR)/lm --num 3 --max-new-tokens 120 \
 	  --prompt "def " --prompt "class " > $(DEMO_DIR)/lm/samples/final.txt
 	$(BIN)/aigc-jax eval --workdir $(DEMO_DIR)/lm > $(DEMO_DIR)/lm/eval.json
 	@echo

@@ -11,6 +11,7 @@ Problems a user can fix print one line and exit with status 2 (--verbose: traceb
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -25,10 +26,15 @@ def _define_flags(command: str) -> None:
   flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, samples).",
                       required=True)
   flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+  flags.DEFINE_bool("compilation_cache", True,
+                    "Keep compiled programs in WORKDIR/jax_cache so a resumed run, sample or "
+                    "eval does not compile from scratch.")
   if command == "train":
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file exposing get_config().",
                                     lock_config=True)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
+                      "(multi-host runs: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS set).")
   elif command == "sample":
     flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for several prompts).")
     flags.DEFINE_integer("num", None, "Samples per prompt (default: the config's sample.num).")
@@ -41,7 +47,14 @@ def _define_flags(command: str) -> None:
 
 def _run(command: str) -> None:
   FLAGS = flags.FLAGS
+  if FLAGS.compilation_cache:
+    import jax
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
   if command == "train":
+    if FLAGS.distributed:
+      import jax
+      jax.distributed.initialize()  # cluster settings are detected from the environment
     from aigc_jax.train import train
     try:
       config = FLAGS.config

@@ -11,6 +11,7 @@ peak memory; then the PyTorch step when torch is installed. Prints a Markdown ta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import resource
@@ -53,8 +54,8 @@ def peak_flops() -> tuple[float, str]:
   best = 0.0
   for n in (512, 1024, 2048):
     a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    _, t_min, _ = timed(lambda: f(a), 10)
+    matmul = jax.jit(lambda x: x @ x)
+    _, t_min, _ = timed(functools.partial(matmul, a), 10)
     best = max(best, 2 * n ** 3 / t_min)
   return best, "measured float32 matmul"
 
@@ -139,7 +140,8 @@ def main(argv=None) -> list[dict]:
       row["speedup_vs_torch"] = torch_row["median_s"] / row["step_median_s"]
       row["torch_version"] = torch_row["torch"]
     rows.append(row)
-  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.processor() or platform.machine()})"
+  cpu = platform.processor() or platform.machine()
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({cpu})"
   print(f"\n### LM train step, {device}, JAX {jax.__version__}\n")
   print("| shape | params | compile s | step ms (median / min) | tokens/s | model GFLOP/step "
         "| XLA GFLOP/step | achieved GFLOP/s | MFU | PyTorch ms | speed-up |")

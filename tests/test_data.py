@@ -3,8 +3,13 @@ import numpy as np
 import pytest
 
 from aigc_jax.data.batching import TokenWindows, eval_windows
-from aigc_jax.data.text import (load_documents, split_documents, stdlib_documents,
-                                text_documents, tokenize_documents)
+from aigc_jax.data.text import (
+  load_documents,
+  split_documents,
+  stdlib_documents,
+  text_documents,
+  tokenize_documents,
+)
 from aigc_jax.data.tokenizers import ByteTokenizer
 from aigc_jax.errors import UserError
 
@@ -86,3 +91,11 @@ def test_eval_windows_cover_the_stream_without_overlap():
 def test_too_short_training_stream():
   with pytest.raises(UserError, match="fewer than"):
     TokenWindows(np.arange(10), batch_size=2, seq_len=16, seed=0)
+
+
+def test_tfds_source_fails_clearly_when_unavailable(tmp_path):
+  """Without the tfds extra: how to install it; with it: the dataset is not prepared in
+  an empty data_dir (no download at run time)."""
+  cfg = data_cfg(name="tfds", tfds_name="lm1b", tfds_data_dir=str(tmp_path))
+  with pytest.raises(UserError, match=r"aigc_jax\[tfds\]|not prepared"):
+    load_documents(cfg)

@@ -33,7 +33,7 @@ def _forward(model, t):
 def test_greedy_generation_equals_full_recomputation_for_batched_prompts(model):
   prompts = [np.array([3, 4, 5, 6, 7]), np.array([9]), np.array([1, 2])]
   out = generate(model, prompts, max_new_tokens=6, key=jax.random.PRNGKey(0), temperature=0)
-  for p, o in zip(prompts, out):
+  for p, o in zip(prompts, out, strict=True):
     assert list(o) == greedy_reference(model, p, 6)
 
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aigc_jax.data.text import stdlib_documents
-from aigc_jax.data.tokenizers import ByteTokenizer, BpeTokenizer, load_tokenizer
+from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
 
 
 @given(st.text())

@@ -72,7 +72,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
   (p1, l1, g1), (p4, l4, g4) = results
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
   np.testing.assert_allclose(g1, g4, rtol=1e-4)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -144,7 +144,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
                                        "sample.num": 0})
   a, b = _final_params(straight, cfg), _final_params(resumed, cfg)
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -177,3 +177,15 @@ def test_metrics_of_every_logged_step_are_recorded(tmp_path, tiny_config):
     assert (tmp_path / path).exists(), path
   assert os.listdir(tmp_path / "tensorboard")
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [10, 20]
+
+
+def test_bpe_run_saves_its_tokenizer_and_counts_bytes(tmp_path, tiny_config):
+  pytest.importorskip("tokenizers", reason="BPE needs the `tokenizers` package (dev extra)")
+  tiny_config.data.update(tokenizer="bpe", bpe_vocab_size=400)
+  tiny_config.train.update(steps=10, eval_every=10)
+  summary = train(tiny_config, str(tmp_path), progress=False)
+  family = Family(tiny_config, str(tmp_path))  # loads the saved tokenizer
+  assert family.tokenizer.kind == "bpe" and family.model_cfg.vocab_size == 400
+  # BPE tokens span several bytes, so bits per byte is well below bits per token.
+  bits_per_token = summary["val_loss"] / np.log(2)
+  assert summary["val_bits_per_byte"] < 0.7 * bits_per_token

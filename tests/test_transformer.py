@@ -95,7 +95,7 @@ def test_remat_gives_same_gradients():
     m = Transformer(TransformerConfig(**base, remat=remat), rngs=nnx.Rngs(0))
     g = nnx.jit(nnx.grad(lambda m: m(t).mean()))(m)
     grads.append(jax.tree.leaves(nnx.state(g)))
-  for a, b in zip(*grads):
+  for a, b in zip(*grads, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 

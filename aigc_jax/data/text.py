@@ -80,7 +80,8 @@ def tfds_documents(name: str, split: str, text_key: str, data_dir: str | None) -
   return docs
 
 
-def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+def split_documents(docs: list[Document],
+                    val_fraction: float) -> tuple[list[Document], list[Document]]:
   """Deterministic split: by a hash of each document's name when there are several, else
   the last `val_fraction` of the single document's lines."""
   if len(docs) == 1:

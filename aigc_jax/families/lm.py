@@ -17,11 +17,15 @@ from flax import nnx
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import text as text_data
 from aigc_jax.data.batching import TokenWindows, eval_windows
-from aigc_jax.data.tokenizers import ByteTokenizer, BpeTokenizer, load_tokenizer
+from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
 from aigc_jax.errors import UserError
 from aigc_jax.models.sampling import generate
-from aigc_jax.models.transformer import (ATTENTION_IMPLEMENTATIONS, DTYPES, Transformer,
-                                         TransformerConfig)
+from aigc_jax.models.transformer import (
+  ATTENTION_IMPLEMENTATIONS,
+  DTYPES,
+  Transformer,
+  TransformerConfig,
+)
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
@@ -77,7 +81,8 @@ def validate(c) -> None:
     require(m.embed_dim % m.num_heads == 0, "model.embed_dim",
             f"must be divisible by model.num_heads={m.num_heads} (or set model.head_dim)")
   head_dim = m.head_dim or m.embed_dim // m.num_heads
-  require(head_dim % 2 == 0, "model.head_dim", f"must be even for rotary embeddings, got {head_dim}")
+  require(head_dim % 2 == 0, "model.head_dim",
+          f"must be even for rotary embeddings, got {head_dim}")
   require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {m.dtype!r}")
   require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
@@ -87,7 +92,8 @@ def validate(c) -> None:
             f"'cudnn' needs a GPU, but JAX's backend is {jax.default_backend()!r}: use 'auto'")
     require(m.dtype in ("bfloat16", "float16"), "model.attention",
             "'cudnn' needs model.dtype bfloat16 or float16")
-  require(d.tokenizer in ("byte", "bpe"), "data.tokenizer", f"must be 'byte' or 'bpe', got {d.tokenizer!r}")
+  require(d.tokenizer in ("byte", "bpe"), "data.tokenizer",
+          f"must be 'byte' or 'bpe', got {d.tokenizer!r}")
   require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be at least 300")
   require(d.name in ("stdlib", "text", "tfds"), "data.name",
           f"must be 'stdlib', 'text' or 'tfds', got {d.name!r}")
@@ -96,7 +102,8 @@ def validate(c) -> None:
   for field in ("path", "val_path"):
     require(not d[field] or os.path.exists(os.path.expanduser(d[field])), f"data.{field}",
             f"{d[field]!r} does not exist")
-  require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name", "is required with data.name='tfds'")
+  require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name",
+          "is required with data.name='tfds'")
   require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
@@ -122,7 +129,8 @@ class Family:
     self.model_cfg = TransformerConfig.from_config(
         config.model, vocab_size=vocab,
         max_seq_len=config.model.max_seq_len or config.data.seq_len)
-    self.graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0))))[0]
+    abstract_model = nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef = nnx.split(abstract_model)[0]
     self.tx, self.schedule = adamw(config.optim, config.train.steps)
     self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule,
                                            config.train.grad_accum_steps)

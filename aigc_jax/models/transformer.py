@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 from aigc_jax.errors import UserError
-
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

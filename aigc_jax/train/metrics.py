@@ -62,7 +62,7 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  for ax, key in zip(axes[0], keys, strict=True):
     by_split: dict[str, dict[int, float]] = {}
     for r in records:  # a resumed run may log a step twice: the later record wins
       metric = key if key in r else f"{r['split']}_{key}"

@@ -50,8 +50,8 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
 
       def accumulate(carry, inputs):
         i, mb = inputs
-        (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+        (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
       zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)

@@ -124,66 +124,83 @@ def open_run(config, workdir: str, *, for_training: bool) -> Run:
   return Run(config, workdir, family, mesh, state, checkpointer, state_sharding)
 
 
+class _TrainLog:
+  """Writes step N's train metrics once step N+1 has been dispatched, so reading them
+  never stalls the device; rates are measured over the steps since the last record."""
+
+  def __init__(self, writer: MetricsWriter, items_per_step: dict, bar):
+    self.writer, self.items_per_step, self.bar = writer, items_per_step, bar
+    self.pending = None
+    self.window_start, self.window_steps = time.perf_counter(), 0
+
+  def stepped(self) -> None:
+    self.window_steps += 1
+
+  def hold(self, step: int, metrics) -> None:
+    self.flush()
+    self.pending = (step, metrics)
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    values = jax.device_get(metrics)
+    now = time.perf_counter()
+    rate = self.window_steps / max(now - self.window_start, 1e-9)
+    self.window_start, self.window_steps = now, 0
+    rates = {"steps_per_sec": rate}
+    rates.update({f"{k}_per_sec": v * rate for k, v in self.items_per_step.items()})
+    record = self.writer.write(step, "train", {**values, **rates})
+    self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+
 def train(config, workdir: str, *, progress: bool | None = None) -> dict:
   """Trains (or resumes) the run in `workdir` to `config.train.steps`; returns a summary
   with the final evaluation."""
   run = open_run(config, workdir, for_training=True)
   config_lib.save_config(config, run.workdir)
-  family, mesh, tcfg = run.family, run.mesh, config.train
-  total = tcfg.steps
-  start = int(jax.device_get(run.state.step))
   writer = MetricsWriter(run.workdir)
-  config_dict = config.to_dict()
+  try:
+    return _run_steps(run, writer, progress)
+  finally:
+    run.checkpointer.close()  # waits for the last asynchronous save to commit
+    writer.close()
+
+
+def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None) -> dict:
+  family, mesh, config = run.family, run.mesh, run.config
+  tcfg, total = config.train, config.train.steps
+  start = int(jax.device_get(run.state.step))
   summary = {"workdir": run.workdir, "start_step": start}
   if start >= total:
-    summary.update(run.evaluate(), steps=start)
-    run.checkpointer.close()
-    writer.close()
-    return summary
+    return {**summary, **run.evaluate(), "steps": start}
 
   batch = mesh_lib.put_batch(next(family.train_data), mesh)
   t0 = time.perf_counter()
   step_fn = run.compile_train_step(batch)
   summary["compile_seconds"] = time.perf_counter() - t0
 
+  config_dict = config.to_dict()
   bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,
              disable=not (sys.stderr.isatty() if progress is None else progress))
-  pending = None  # (step, device metrics) waiting for the next dispatch
-  window_start, window_steps = time.perf_counter(), 0
-  last_eval = None
-
-  def flush(pending):
-    nonlocal window_start, window_steps
-    step, metrics = pending
-    values = jax.device_get(metrics)
-    now = time.perf_counter()
-    rate = window_steps / max(now - window_start, 1e-9)
-    window_start, window_steps = now, 0
-    extra = {"steps_per_sec": rate}
-    extra.update({f"{k}_per_sec": v * rate for k, v in family.items_per_step.items()})
-    record = writer.write(step, "train", {**values, **extra})
-    bar.set_postfix(loss=f"{record['loss']:.4f}")
-    return record
-
+  log = _TrainLog(writer, family.items_per_step, bar)
+  last_eval = {}
   state = run.state
   for step in range(start, total):
-    state, metrics = step_fn(state, batch)  # dispatch step; runs asynchronously
-    window_steps += 1
-    done = step + 1
-    data_state = family.train_data.get_state()  # position after this step's batch
-    if done < total:
-      batch = mesh_lib.put_batch(next(family.train_data), mesh)  # host work overlaps device
-    if pending is not None:
-      flush(pending)
-      pending = None
-    if done % tcfg.log_every == 0 or done == total:
-      pending = (done, metrics)
-    bar.update(1)
+    state, metrics = step_fn(state, batch)  # dispatched; runs asynchronously
     run.state = state
+    log.stepped()
+    done = step + 1
+    data_state = family.train_data.get_state()  # the position after this step's batch
+    if done < total:
+      batch = mesh_lib.put_batch(next(family.train_data), mesh)  # overlaps the device
+    log.flush()  # the previous step's metrics: this step is already dispatched
+    if done % tcfg.log_every == 0 or done == total:
+      log.hold(done, metrics)
+    bar.update(1)
     if done % tcfg.eval_every == 0 or done == total:
-      if pending is not None:
-        flush(pending)
-        pending = None
+      log.flush()
       last_eval = run.evaluate()
       writer.write(done, "val", last_eval)
       family.write_samples(state, done, run.workdir)
@@ -193,7 +210,4 @@ def train(config, workdir: str, *, progress: bool | None = None) -> dict:
     if done % tcfg.checkpoint_every == 0 or done == total:
       run.checkpointer.save(done, state, data_state, config_dict)
   bar.close()
-  run.checkpointer.close()
-  writer.close()
-  summary.update(last_eval or {}, steps=total)
-  return summary
+  return {**summary, **last_eval, "steps": total}

@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-8dev bench lint clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test test-8dev bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install -y python3-venv"; exit 1; }
@@ -16,6 +18,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (needs root; without it:
+# apt-get download dataset-fashion-mnist && dpkg-deb -x *.deb DIR, then set
+# AIGC_JAX_FASHION_MNIST=DIR/usr/share/datasets/fashion-mnist).
+data:
+	@test -f $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 demo: setup
 	$(BIN)/aigc-jax train --config configs/lm_code.py --workdir $(DEMO_DIR)/lm

@@ -11,7 +11,35 @@ import numpy as np
 from aigc_jax.errors import UserError
 
 
-class TokenWindows:
+class SeededBatches:
+  """Iteration, position and seed check for a source whose `batch(i)` is a pure function
+  of (seed, i)."""
+
+  seed: int
+  next_index: int = 0
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.next_index)
+    self.next_index += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"next_index": int(self.next_index), "seed": int(self.seed)}
+
+  def set_state(self, state: dict) -> None:
+    if int(state["seed"]) != self.seed:
+      raise UserError(f"the checkpoint's data iterator used seed {state['seed']}, this run "
+                      f"{self.seed}: resume with the original seed or start a new workdir")
+    self.next_index = int(state["next_index"])
+
+
+class TokenWindows(SeededBatches):
   """Random windows of `seq_len + 1` tokens from one id stream.
 
   batch(i) = {"inputs": [B, T] int32, "targets": [B, T] int32} with targets = inputs
@@ -33,23 +61,6 @@ class TokenWindows:
     starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
     window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
     return {"inputs": window[:, :-1], "targets": window[:, 1:]}
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    out = self.batch(self.next_index)
-    self.next_index += 1
-    return out
-
-  def get_state(self) -> dict:
-    return {"next_index": int(self.next_index), "seed": int(self.seed)}
-
-  def set_state(self, state: dict) -> None:
-    if int(state["seed"]) != self.seed:
-      raise UserError(f"the checkpoint's data iterator used seed {state['seed']}, this run "
-                      f"{self.seed}: resume with the original seed or start a new workdir")
-    self.next_index = int(state["next_index"])
 
 
 def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,

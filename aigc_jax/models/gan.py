@@ -1,0 +1,165 @@
+"""GAN generators and discriminators (Flax NNX): DCGAN-style convolutional pairs for
+square images of 8, 28, 32 or 64 pixels (grey or colour), and the classic MLP pair.
+
+G: z [B, Z] -> images [B, H, W, C] in [-1, 1] (tanh). D: images -> logits [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aigc_jax.errors import UserError
+
+ARCHITECTURES = ("dcgan", "mlp")
+G_NORMS = ("batch", "none")
+D_NORMS = ("none", "spectral", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class GanConfig:
+  arch: str = "dcgan"
+  image_size: int = 28
+  channels: int = 1
+  z_dim: int = 64
+  width: int = 64  # DCGAN: channels of the widest-resolution conv layer; MLP: hidden units
+  g_norm: str = "batch"
+  d_norm: str = "none"
+
+  def __post_init__(self):
+    for field, value, choices in (("arch", self.arch, ARCHITECTURES),
+                                  ("g_norm", self.g_norm, G_NORMS),
+                                  ("d_norm", self.d_norm, D_NORMS)):
+      if value not in choices:
+        raise UserError(f"config 'model.{field}' must be one of {choices}, got {value!r}")
+    for field in ("image_size", "channels", "z_dim", "width"):
+      if getattr(self, field) < 1:
+        raise UserError(f"config 'model.{field}' must be positive, got {getattr(self, field)}")
+    if self.arch == "dcgan":
+      upsampling_plan(self.image_size)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+
+def upsampling_plan(image_size: int) -> tuple[int, int]:
+  """(base, k): the DCGAN grows a base x base map by 2x, k times (28 -> (7, 2),
+  32 -> (4, 3), 64 -> (4, 4), 8 -> (4, 1))."""
+  base, k = image_size, 0
+  while base % 2 == 0 and base > 7:
+    base //= 2
+    k += 1
+  if k == 0 or base > 8:
+    raise UserError(f"config 'model.image_size'={image_size} is not supported by the DCGAN: "
+                    "use 8, 28, 32 or 64 (a size of base x 2^k with base <= 8), or arch='mlp'")
+  return base, k
+
+
+class SpectralNormConv(nnx.Module):
+  """A convolution whose kernel is divided by its largest singular value, estimated by
+  one power iteration per training call with a persistent vector u (Miyato et al.)."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(in_features, out_features, (4, 4), strides=2, padding="SAME",
+                         rngs=rngs)
+    self.u = nnx.BatchStat(jax.random.normal(rngs.params(), (out_features,)))
+
+  def __call__(self, x_BHWC: jax.Array, update_stats: bool) -> jax.Array:
+    w_HWIO = self.conv.kernel[...]
+    w_MO = w_HWIO.reshape(-1, w_HWIO.shape[-1])
+    normalize = lambda v: v / (jnp.linalg.norm(v) + 1e-12)
+    v_M = jax.lax.stop_gradient(normalize(w_MO @ self.u[...]))
+    u_O = jax.lax.stop_gradient(normalize(w_MO.T @ v_M))
+    if update_stats:
+      self.u[...] = u_O
+    sigma = v_M @ w_MO @ u_O
+    y = jax.lax.conv_general_dilated(x_BHWC, w_HWIO / sigma, (2, 2), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + self.conv.bias[...][None, None, None, :]
+
+
+class DCGANGenerator(nnx.Module):
+  def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.base, k = upsampling_plan(cfg.image_size)
+    widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [cfg.channels]
+    self.project = nnx.Linear(cfg.z_dim, self.base * self.base * widths[0], rngs=rngs)
+    use_bn = cfg.g_norm == "batch"
+    self.norms = nnx.List([nnx.BatchNorm(w, momentum=0.9, rngs=rngs) if use_bn else None
+                           for w in widths[:-1]])
+    self.ups = nnx.List([nnx.ConvTranspose(widths[i], widths[i + 1], (4, 4), strides=2,
+                                           padding="SAME", rngs=rngs) for i in range(k)])
+
+  def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
+    B = z_BZ.shape[0]
+    h = self.project(z_BZ).reshape(B, self.base, self.base, -1)
+    for i, up in enumerate(self.ups):
+      if self.norms[i] is not None:
+        h = self.norms[i](h, use_running_average=not train)
+      h = up(nnx.relu(h))
+    return jnp.tanh(h)
+
+
+class DCGANDiscriminator(nnx.Module):
+  def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    base, k = upsampling_plan(cfg.image_size)
+    widths = [cfg.channels] + [cfg.width * 2 ** i for i in range(k)]
+    if cfg.d_norm == "spectral":
+      self.convs = nnx.List([SpectralNormConv(widths[i], widths[i + 1], rngs=rngs)
+                             for i in range(k)])
+    else:
+      self.convs = nnx.List([nnx.Conv(widths[i], widths[i + 1], (4, 4), strides=2,
+                                      padding="SAME", rngs=rngs) for i in range(k)])
+    # No normalisation after the first conv (DCGAN); layer norm suits WGAN-GP critics.
+    self.norms = nnx.List([
+        nnx.LayerNorm(widths[i + 1], reduction_axes=(1, 2, 3), feature_axes=-1, rngs=rngs)
+        if cfg.d_norm == "layer" and i > 0 else None for i in range(k)])
+    self.head = nnx.Linear(base * base * widths[-1], 1, rngs=rngs)
+
+  def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
+    h = images_BHWC
+    for conv, norm in zip(self.convs, self.norms, strict=True):
+      h = conv(h, train) if isinstance(conv, SpectralNormConv) else conv(h)
+      if norm is not None:
+        h = norm(h)
+      h = nnx.leaky_relu(h, 0.2)
+    return self.head(h.reshape(h.shape[0], -1))[:, 0]
+
+
+class MLPGenerator(nnx.Module):
+  def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    H, W, C = cfg.image_shape
+    self.layers = nnx.List([nnx.Linear(cfg.z_dim, cfg.width, rngs=rngs),
+                            nnx.Linear(cfg.width, cfg.width, rngs=rngs),
+                            nnx.Linear(cfg.width, H * W * C, rngs=rngs)])
+
+  def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
+    h = nnx.relu(self.layers[0](z_BZ))
+    h = nnx.relu(self.layers[1](h))
+    return jnp.tanh(self.layers[2](h)).reshape(z_BZ.shape[0], *self.cfg.image_shape)
+
+
+class MLPDiscriminator(nnx.Module):
+  def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    H, W, C = cfg.image_shape
+    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, rngs=rngs),
+                            nnx.Linear(cfg.width, cfg.width, rngs=rngs),
+                            nnx.Linear(cfg.width, 1, rngs=rngs)])
+
+  def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
+    h = nnx.leaky_relu(self.layers[0](images_BHWC.reshape(images_BHWC.shape[0], -1)), 0.2)
+    h = nnx.leaky_relu(self.layers[1](h), 0.2)
+    return self.layers[2](h)[:, 0]
+
+
+def build_gan(cfg: GanConfig, rngs: nnx.Rngs) -> tuple[nnx.Module, nnx.Module]:
+  """(generator, discriminator) for the config."""
+  if cfg.arch == "dcgan":
+    return DCGANGenerator(cfg, rngs=rngs), DCGANDiscriminator(cfg, rngs=rngs)
+  return MLPGenerator(cfg, rngs=rngs), MLPDiscriminator(cfg, rngs=rngs)

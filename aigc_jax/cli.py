@@ -88,6 +88,10 @@ def _run(command: str) -> None:
     print(f"=== sample {i} ===\n{prompts[i // num]}{text}\n")
 
 
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run resumes
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -110,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
   def entry(_):
     if not flags.FLAGS.verbose:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+    from aigc_jax.train.loop import Preempted
     try:
       _run(command)
+    except Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
     except UserError as e:
       if flags.FLAGS.verbose:
         raise
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(EXIT_USER_ERROR)
 
   app.run(entry, argv=argv, flags_parser=parse)
 

@@ -50,3 +50,39 @@ def test_user_errors_are_one_line_with_status_2(tmp_path):
     assert proc.returncode == 2, (args, proc.stderr[-2000:])
     assert message in proc.stderr, (args, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from aigc_jax.train import Checkpointer
+  from tests.conftest import ROOT
+
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "aigc_jax.cli", "train", "--config", TINY_CONFIG, "--workdir",
+       str(workdir), "--config.train.steps=100000", "--config.train.checkpoint_every=100000",
+       "--config.train.eval_every=100000", "--config.sample.num=0"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-2000:]
+  assert "preempted: stopped by SIGTERM at step" in stderr
+  step = int(stderr.split("at step ")[1].split(";")[0])
+  assert step >= 10 and Checkpointer(str(workdir / "checkpoints")).latest_step() == step
+
+  resumed = run_cli("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+                    f"--config.train.steps={step + 2}", "--config.train.checkpoint_every=100000",
+                    "--config.train.eval_every=100000", "--config.sample.num=0")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert json.loads(resumed.stdout)["start_step"] == step

@@ -7,9 +7,12 @@ writes samples, checkpoints asynchronously and resumes from the newest checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -124,6 +127,32 @@ def open_run(config, workdir: str, *, for_training: bool) -> Run:
   return Run(config, workdir, family, mesh, state, checkpointer, state_sharding)
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after checkpointing `step`; re-run to resume."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; a checkpoint "
+                     "of that step was written: re-run the same command to resume")
+    self.step, self.signum = step, signum
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Turns SIGTERM/SIGINT into a request the loop honours between steps (main thread
+  only; elsewhere signals keep their handlers)."""
+  requested: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+  previous = {s: signal.signal(s, lambda signum, _: requested.append(signum))
+              for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
 class _TrainLog:
   """Writes step N's train metrics once step N+1 has been dispatched, so reading them
   never stalls the device; rates are measured over the steps since the last record."""
@@ -162,13 +191,14 @@ def train(config, workdir: str, *, progress: bool | None = None) -> dict:
   config_lib.save_config(config, run.workdir)
   writer = MetricsWriter(run.workdir)
   try:
-    return _run_steps(run, writer, progress)
+    with _stop_requests() as stop:
+      return _run_steps(run, writer, progress, stop)
   finally:
     run.checkpointer.close()  # waits for the last asynchronous save to commit
     writer.close()
 
 
-def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None) -> dict:
+def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: list) -> dict:
   family, mesh, config = run.family, run.mesh, run.config
   tcfg, total = config.train, config.train.steps
   start = int(jax.device_get(run.state.step))
@@ -207,7 +237,11 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None) -> dict:
       plot_curves(run.workdir, family.plot_keys)
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()),
                 file=sys.stderr)
-    if done % tcfg.checkpoint_every == 0 or done == total:
+    if done % tcfg.checkpoint_every == 0 or done == total or stop:
       run.checkpointer.save(done, state, data_state, config_dict)
+    if stop:
+      log.flush()
+      bar.close()
+      raise Preempted(done, stop[0])
   bar.close()
   return {**summary, **last_eval, "steps": total}

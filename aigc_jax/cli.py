@@ -37,7 +37,8 @@ def _define_flags(command: str) -> None:
                       "(multi-host runs: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS set).")
   elif command == "sample":
     flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for several prompts).")
-    flags.DEFINE_integer("num", None, "Samples per prompt (default: the config's sample.num).")
+    flags.DEFINE_integer("num", None, "LM: samples per prompt; GAN: images in the grid "
+                         "(default: the config's sample.num).")
     flags.DEFINE_integer("max-new-tokens", None, "Tokens to generate per sample.")
     flags.DEFINE_float("temperature", None, "Sampling temperature (0: greedy).")
     flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0: all).")
@@ -75,17 +76,12 @@ def _run(command: str) -> None:
     metrics = run.evaluate()
     print(json.dumps({"step": int(run.state.step), **metrics}))
     return
-  s = config.sample
-  option = lambda name, default: default if FLAGS[name].value is None else FLAGS[name].value
-  prompts = FLAGS.prompt if FLAGS.prompt else [s.prompt]
-  num = option("num", s.num)
-  texts = run.family.generate_text(
-      run.state.params, [p for p in prompts for _ in range(num)],
-      max_new_tokens=option("max-new-tokens", s.max_new_tokens), seed=FLAGS.seed,
-      temperature=option("temperature", s.temperature), top_k=option("top-k", s.top_k),
-      top_p=option("top-p", s.top_p))
-  for i, text in enumerate(texts):
-    print(f"=== sample {i} ===\n{prompts[i // num]}{text}\n")
+  # Options the user gave (None: the run config's sample.* default); each family reads
+  # the ones it understands.
+  options = {name.replace("-", "_"): FLAGS[name].value
+             for name in ("prompt", "num", "max-new-tokens", "temperature", "top-k", "top-p",
+                          "seed")}
+  print(run.family.cli_sample(run.state, run.workdir, options))
 
 
 EXIT_USER_ERROR = 2

@@ -11,7 +11,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.families.lm import Family
 from aigc_jax.train import Checkpointer, train
 from aigc_jax.train.loop import open_run
-from tests.conftest import TINY_CONFIG, run_python
+from tests.conftest import GAN_CONFIG, TINY_CONFIG, run_python
 
 
 def unigram_entropy(ids: np.ndarray) -> float:
@@ -77,14 +77,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
 
 
 SHARDED = """
-import json, jax, numpy as np
+import json, sys, jax, numpy as np
 from aigc_jax.config import config_from_file
-from aigc_jax.families.lm import Family
+from aigc_jax.families import get_family_module
 from aigc_jax.train import mesh as mesh_lib
 out = {}
 for n in (1, 8):
-  cfg = config_from_file("configs/lm_tiny.py", {"mesh.num_devices": n, "train.batch_size": 16})
-  family = Family(cfg, None)
+  cfg = config_from_file(sys.argv[1], {"mesh.num_devices": n, "train.batch_size": 16})
+  family = get_family_module(cfg.family).Family(cfg, None)
   mesh = mesh_lib.make_mesh(n)
   rep = mesh_lib.replicated(mesh)
   state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
@@ -95,17 +95,19 @@ for n in (1, 8):
   for _ in range(3):
     batch = mesh_lib.put_batch(next(family.train_data), mesh)
     state, m = step(state, batch)
-    losses.append(float(m["loss"]))
-  out[n] = (losses, [np.asarray(x) for x in jax.tree.leaves(state.params)],
-            len(batch["inputs"].sharding.device_set))
+    losses.append(float(m[family.plot_keys[0]]))
+  out[n] = (losses, [np.asarray(x) for x in jax.tree.leaves(state)],
+            len(jax.tree.leaves(batch)[0].sharding.device_set))
 (l1, p1, d1), (l8, p8, d8) = out[1], out[8]
 print(json.dumps({"devices": [d1, d8], "loss_diff": float(np.max(np.abs(np.subtract(l1, l8)))),
                   "param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(p1, p8))}))
 """
 
 
-def test_one_and_eight_devices_agree():
-  proc = run_python(SHARDED, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+@pytest.mark.parametrize("config", [TINY_CONFIG, GAN_CONFIG])
+def test_one_and_eight_devices_agree(config):
+  proc = run_python(SHARDED, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+                    args=[config])
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["devices"] == [1, 8]
@@ -113,15 +115,17 @@ def test_one_and_eight_devices_agree():
 
 
 RESUME = """
-import sys
+import json, sys
 from aigc_jax.config import config_from_file
 from aigc_jax.train import train
-steps, workdir = int(sys.argv[1]), sys.argv[2]
-cfg = config_from_file("configs/lm_tiny.py", {"train.steps": steps, "model.dropout": 0.1,
-                                               "train.checkpoint_every": 6, "train.eval_every": 100,
-                                               "sample.num": 0})
+steps, workdir, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+overrides = json.loads(sys.argv[4])
+cfg = config_from_file(path, {"train.steps": steps, "train.checkpoint_every": 6,
+                              "train.eval_every": 100, **overrides})
 train(cfg, workdir, progress=False)
 """
+# Dropout on (LM) and BatchNorm statistics + EMA (GAN): every kind of state must resume.
+RESUME_CASES = [(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}), (GAN_CONFIG, {})]
 
 
 def _final_params(workdir, cfg):
@@ -129,9 +133,10 @@ def _final_params(workdir, cfg):
   return [np.asarray(x) for x in jax.tree.leaves(run.state)]
 
 
-def test_resume_in_a_new_process_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("config, overrides", RESUME_CASES)
+def test_resume_in_a_new_process_is_bit_identical(tmp_path, config, overrides):
   def run(steps, workdir):
-    proc = run_python(RESUME, args=[str(steps), workdir])
+    proc = run_python(RESUME, args=[str(steps), workdir, config, json.dumps(overrides)])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -139,9 +144,8 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
   run(6, resumed)  # stops after its checkpoint at step 6 (dropout on: rng state matters)
   assert Checkpointer(resumed + "/checkpoints").latest_step() == 6
   run(18, resumed)
-  cfg = config_from_file(TINY_CONFIG, {"train.steps": 18, "model.dropout": 0.1,
-                                       "train.checkpoint_every": 6, "train.eval_every": 100,
-                                       "sample.num": 0})
+  cfg = config_from_file(config, {"train.steps": 18, "train.checkpoint_every": 6,
+                                  "train.eval_every": 100, **overrides})
   a, b = _final_params(straight, cfg), _final_params(resumed, cfg)
   assert len(a) == len(b)
   for x, y in zip(a, b, strict=True):

@@ -210,6 +210,19 @@ class Family:
                    top_p=top_p, eos_id=eos)
     return [self.tokenizer.decode(o) for o in out]
 
+  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
+    """`aigc-jax sample`: continuations of each prompt, as text."""
+    s = self.config.sample
+    pick = lambda key: s[key] if options.get(key) is None else options[key]
+    prompts = options.get("prompt") or [s.prompt]
+    num = pick("num")
+    texts = self.generate_text(
+        state.params, [p for p in prompts for _ in range(num)],
+        max_new_tokens=pick("max_new_tokens"), seed=options.get("seed") or 0,
+        temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"))
+    return "\n".join(f"=== sample {i} ===\n{prompts[i // num]}{text}\n"
+                     for i, text in enumerate(texts))
+
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
     s = self.config.sample
     prompt_len = len(self.tokenizer.encode(s.prompt)) or 1

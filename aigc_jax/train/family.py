@@ -42,3 +42,7 @@ class Family(Protocol):
 
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
     """Writes samples (text, images) under workdir/samples; returns the paths."""
+
+  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
+    """`aigc-jax sample`: makes samples from the CLI's options (None: config defaults);
+    returns what to print."""

@@ -157,8 +157,8 @@ class _TrainLog:
   """Writes step N's train metrics once step N+1 has been dispatched, so reading them
   never stalls the device; rates are measured over the steps since the last record."""
 
-  def __init__(self, writer: MetricsWriter, items_per_step: dict, bar):
-    self.writer, self.items_per_step, self.bar = writer, items_per_step, bar
+  def __init__(self, writer: MetricsWriter, items_per_step: dict, bar, shown: tuple):
+    self.writer, self.items_per_step, self.bar, self.shown = writer, items_per_step, bar, shown
     self.pending = None
     self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -181,7 +181,7 @@ class _TrainLog:
     rates = {"steps_per_sec": rate}
     rates.update({f"{k}_per_sec": v * rate for k, v in self.items_per_step.items()})
     record = self.writer.write(step, "train", {**values, **rates})
-    self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+    self.bar.set_postfix({k: f"{record[k]:.4f}" for k in self.shown if k in record})
 
 
 def train(config, workdir: str, *, progress: bool | None = None) -> dict:
@@ -214,7 +214,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
   config_dict = config.to_dict()
   bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,
              disable=not (sys.stderr.isatty() if progress is None else progress))
-  log = _TrainLog(writer, family.items_per_step, bar)
+  log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys)
   last_eval = {}
   state = run.state
   for step in range(start, total):

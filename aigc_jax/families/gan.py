@@ -1,0 +1,242 @@
+"""The GAN as a family on the shared loop: config, image data, init, one compiled
+adversarial step (n_critic discriminator updates, then one generator update, with an EMA
+of the generator), a held-out evaluation and sample grids."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from aigc_jax.config import require, require_positive
+from aigc_jax.data import images as image_data
+from aigc_jax.errors import UserError
+from aigc_jax.models import gan_losses
+from aigc_jax.models.gan import GanConfig, build_gan
+from aigc_jax.train.state import TrainState
+
+DATASETS = {"fashion_mnist": image_data.load_fashion_mnist, "mnist5k": image_data.load_mnist5k,
+            "digits": image_data.load_digits}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a GAN run config may set, with its default (a DCGAN on Fashion-MNIST)."""
+  c = ml_collections.ConfigDict()
+  c.family = "gan"
+  c.seed = 0
+  c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64,
+                 g_norm="batch", d_norm="none")
+  c.data = dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits
+                path="")  # fashion_mnist: folder of IDX files (default: Debian's location)
+  c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan
+                n_critic=1, gp_weight=0.0, r1_gamma=0.0, label_smoothing=0.0,
+                ema_decay=0.999)
+  c.train = dict(steps=2000, batch_size=64, log_every=50, eval_every=500, eval_batches=8,
+                 checkpoint_every=500, keep_checkpoints=3)
+  c.optim = dict(g_lr=2e-4, d_lr=2e-4, b1=0.5, b2=0.999)
+  c.sample = dict(num=64)  # images in each sample grid
+  c.mesh = dict(num_devices=-1)
+  return c
+
+
+def validate(c) -> None:
+  GanConfig(**dict(c.model))  # names the bad model field
+  gan_losses.check_objective(c.loss.name)
+  require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
+                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                   "optim.g_lr", "optim.d_lr", "sample.num")
+  require(c.loss.n_critic >= 1, "loss.n_critic", f"must be at least 1, got {c.loss.n_critic}")
+  require(c.data.name in DATASETS, "data.name",
+          f"must be one of {sorted(DATASETS)}, got {c.data.name!r}")
+  require(0 <= c.loss.ema_decay < 1, "loss.ema_decay", "must be in [0, 1)")
+  require(0 <= c.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
+  require(c.loss.gp_weight >= 0 and c.loss.r1_gamma >= 0, "loss.gp_weight",
+          "and loss.r1_gamma must be >= 0")
+  require(c.loss.gp_weight == 0 or c.model.d_norm != "batch", "loss.gp_weight",
+          "needs a discriminator without batch statistics")
+
+
+def _split_module(module):
+  graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
+
+
+class Family:
+  name = "gan"
+  plot_keys = ("d_loss", "g_loss")
+
+  def __init__(self, config, workdir: str | None):
+    self.config, self.workdir = config, workdir
+    self.gan_cfg = GanConfig(**dict(config.model))
+    abstract_g, abstract_d = nnx.eval_shape(lambda: build_gan(self.gan_cfg, nnx.Rngs(0)))
+    self.g_graphdef = nnx.split(abstract_g, nnx.Param, nnx.BatchStat)[0]
+    self.d_graphdef = nnx.split(abstract_d, nnx.Param, nnx.BatchStat)[0]
+    adam = lambda lr: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+    self.tx_g, self.tx_d = adam(config.optim.g_lr), adam(config.optim.d_lr)
+    self.items_per_step = {"images": config.train.batch_size}
+
+  # --- data -------------------------------------------------------------------------
+  @functools.cached_property
+  def dataset(self) -> image_data.ImageDataset:
+    c = self.config.data
+    loader = DATASETS[c.name]
+    d = loader(c.path or None) if c.name == "fashion_mnist" else loader()
+    if d.image_shape != self.gan_cfg.image_shape:
+      raise UserError(f"data.name={c.name!r} has images of shape {d.image_shape}, but the model "
+                      f"is configured for {self.gan_cfg.image_shape}: set model.image_size="
+                      f"{d.image_shape[0]} and model.channels={d.image_shape[2]}")
+    return d
+
+  @functools.cached_property
+  def train_data(self) -> image_data.ImageBatches:
+    return image_data.ImageBatches(self.dataset.train_images, self.dataset.train_labels,
+                                   self.config.train.batch_size, self.config.seed)
+
+  def eval_batches(self):
+    if not hasattr(self, "_eval_batches"):
+      test = image_data.ImageBatches(self.dataset.test_images, self.dataset.test_labels,
+                                     self.config.train.batch_size, self.config.seed + 1)
+      self._eval_batches = [test.batch(i) for i in range(self.config.train.eval_batches)]
+    return self._eval_batches
+
+  # --- model ------------------------------------------------------------------------
+  def init_state(self, rng: jax.Array) -> TrainState:
+    k_model, k_train = jax.random.split(rng)
+    g, d = build_gan(self.gan_cfg, nnx.Rngs(params=k_model))
+    _, g_params, g_stats = _split_module(g)
+    _, d_params, d_stats = _split_module(d)
+    params = {"g": g_params, "d": d_params}
+    opt_state = {"g": self.tx_g.init(g_params), "d": self.tx_d.init(d_params)}
+    extra = {"g_stats": g_stats, "d_stats": d_stats, "ema": g_params}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      rng=k_train, extra=extra)
+
+  def _generate(self, g_params, g_stats, z_BZ, train: bool):
+    g = nnx.merge(self.g_graphdef, g_params, g_stats)
+    images = g(z_BZ, train=train)
+    return images, nnx.to_pure_dict(nnx.state(g, nnx.BatchStat))
+
+  def _discriminate(self, d_params, d_stats, images, train: bool):
+    d = nnx.merge(self.d_graphdef, d_params, d_stats)
+    logits = d(images, train=train)
+    return logits, nnx.to_pure_dict(nnx.state(d, nnx.BatchStat))
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """n_critic discriminator updates on fresh fakes, then one generator update."""
+    lc, Z = self.config.loss, self.gan_cfg.z_dim
+    real = batch["images"]
+    B = real.shape[0]
+    rng = jax.random.fold_in(state.rng, state.step)
+    g_params, g_stats = state.params["g"], state.extra["g_stats"]
+
+    def d_update(carry, i):
+      d_params, d_opt, d_stats = carry
+      k_z, k_gp = jax.random.split(jax.random.fold_in(rng, i))
+      fake, _ = self._generate(g_params, g_stats, jax.random.normal(k_z, (B, Z)), True)
+      fake = jax.lax.stop_gradient(fake)
+
+      def loss_fn(d_params):
+        real_logits, stats = self._discriminate(d_params, d_stats, real, True)
+        fake_logits, stats = self._discriminate(d_params, stats, fake, True)
+        loss = gan_losses.d_loss(lc.name, real_logits, fake_logits, lc.label_smoothing)
+        critic = lambda x: self._discriminate(d_params, stats, x, False)[0]
+        penalty = jnp.float32(0.0)
+        if lc.gp_weight > 0:
+          penalty = gan_losses.gradient_penalty(critic, real, fake, k_gp)
+          loss = loss + lc.gp_weight * penalty
+        if lc.r1_gamma > 0:
+          loss = loss + 0.5 * lc.r1_gamma * gan_losses.r1_penalty(critic, real)
+        return loss, (stats, real_logits.mean(), fake_logits.mean(), penalty)
+
+      (loss, (stats, d_real, d_fake, penalty)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(d_params)
+      updates, d_opt = self.tx_d.update(grads, d_opt, d_params)
+      metrics = {"d_loss": loss, "d_real": d_real, "d_fake": d_fake, "gp": penalty}
+      return (optax.apply_updates(d_params, updates), d_opt, stats), metrics
+
+    (d_params, d_opt, d_stats), d_metrics = jax.lax.scan(
+        d_update, (state.params["d"], state.opt_state["d"], state.extra["d_stats"]),
+        jnp.arange(lc.n_critic))
+
+    z = jax.random.normal(jax.random.fold_in(rng, lc.n_critic), (B, Z))
+
+    def g_loss_fn(g_params):
+      fake, new_g_stats = self._generate(g_params, g_stats, z, True)
+      logits, _ = self._discriminate(d_params, d_stats, fake, False)
+      return gan_losses.g_loss(lc.name, logits), new_g_stats
+
+    (g_loss, new_g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
+    updates, g_opt = self.tx_g.update(g_grads, state.opt_state["g"], g_params)
+    g_params = optax.apply_updates(g_params, updates)
+    ema = jax.tree.map(lambda e, p: lc.ema_decay * e + (1 - lc.ema_decay) * p,
+                       state.extra["ema"], g_params)
+    new_state = state.replace(
+        step=state.step + 1, params={"g": g_params, "d": d_params},
+        opt_state={"g": g_opt, "d": d_opt},
+        extra={"g_stats": new_g_stats, "d_stats": d_stats, "ema": ema})
+    metrics = {k: v[-1] for k, v in d_metrics.items()}
+    metrics["g_loss"] = g_loss
+    return new_state, metrics
+
+  def eval_step(self, state: TrainState, batch) -> dict:
+    """The discriminator's loss on held-out real images against fakes of the EMA
+    generator (summed over examples)."""
+    real = batch["images"]
+    B = real.shape[0]
+    z = jax.random.normal(jax.random.PRNGKey(self.config.seed + 7), (B, self.gan_cfg.z_dim))
+    fake, _ = self._generate(state.extra["ema"], state.extra["g_stats"], z, False)
+    d_params, d_stats = state.params["d"], state.extra["d_stats"]
+    real_logits, _ = self._discriminate(d_params, d_stats, real, False)
+    fake_logits, _ = self._discriminate(d_params, d_stats, fake, False)
+    name = self.config.loss.name
+    return {"d_loss_sum": gan_losses.d_loss(name, real_logits, fake_logits) * B,
+            "g_loss_sum": gan_losses.g_loss(name, fake_logits) * B, "count": jnp.float32(B)}
+
+  def summarize_eval(self, sums: dict) -> dict:
+    return {"val_d_loss": sums["d_loss_sum"] / sums["count"],
+            "val_g_loss": sums["g_loss_sum"] / sums["count"]}
+
+  # --- samples ----------------------------------------------------------------------
+  def sample_images(self, state: TrainState, num: int, seed: int) -> np.ndarray:
+    """uint8 [num, H, W, C] from the EMA generator."""
+    z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.gan_cfg.z_dim))
+    images = jax.jit(self._generate, static_argnums=3)(state.extra["ema"],
+                                                       state.extra["g_stats"], z, False)[0]
+    return np.asarray(jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8))
+
+  def write_grid(self, images_u8: np.ndarray, path: str) -> str:
+    from PIL import Image
+    n, H, W, C = images_u8.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * (H + 2) + 2, cols * (W + 2) + 2, C), np.uint8)
+    for i, img in enumerate(images_u8):
+      r, c = divmod(i, cols)
+      grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
+    scale = max(1, 256 // grid.shape[0])
+    out = Image.fromarray(grid[..., 0] if C == 1 else grid)
+    out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(path)
+    return path
+
+  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
+    """`aigc-jax sample`: a grid of `num` images from the EMA generator, as a PNG."""
+    num = options.get("num") or self.config.sample.num
+    seed = options.get("seed") or 0
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"sample_{num}_seed{seed}.png")
+    self.write_grid(self.sample_images(state, num, seed), path)
+    return f"wrote {num} samples to {path}"
+
+  def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
+    """A grid from the same fixed noise at every evaluation, so progress can be watched."""
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    images = self.sample_images(state, self.config.sample.num, seed=self.config.seed)
+    return [self.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"))]

@@ -206,9 +206,13 @@ class Family:
   def sample_images(self, state: TrainState, num: int, seed: int) -> np.ndarray:
     """uint8 [num, H, W, C] from the EMA generator."""
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.gan_cfg.z_dim))
-    images = jax.jit(self._generate, static_argnums=3)(state.extra["ema"],
-                                                       state.extra["g_stats"], z, False)[0]
+    images = self._sample_fn(state.extra["ema"], state.extra["g_stats"], z)
     return np.asarray(jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8))
+
+  @functools.cached_property
+  def _sample_fn(self):
+    # One jitted function per family, so every evaluation reuses its compilation.
+    return jax.jit(lambda params, stats, z: self._generate(params, stats, z, False)[0])
 
   def write_grid(self, images_u8: np.ndarray, path: str) -> str:
     from PIL import Image

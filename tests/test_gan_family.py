@@ -97,4 +97,9 @@ def test_cli_train_sample_eval(tmp_path):
   evaluation = run_cli("eval", "--workdir", workdir)
   assert evaluation.returncode == 0, evaluation.stderr[-3000:]
   metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
-  assert metrics["step"] == 20 and json.loads(trained.stdout)["val_d_loss"] == metrics["val_d_loss"]
+  summary = json.loads(trained.stdout)
+  assert metrics["step"] == 20
+  for key in ("val_d_loss", "fid_classifier", "fid_floor", "classifier_test_accuracy"):
+    assert summary[key] == metrics[key], key  # eval of the checkpoint == the run's last eval
+  assert metrics["fid_floor"] < metrics["fid_classifier"]
+  assert (tmp_path / "gan" / "fid_classifier").is_dir()  # the classifier is cached

@@ -128,6 +128,42 @@ def load_digits(test_fraction: float = 0.2) -> ImageDataset:
   return _split("digits", images, d.target.astype(np.int32), test_fraction)
 
 
+def load_tfds_images(name: str, data_dir: str | None = None, image_size: int = 0,
+                     train_split: str = "train", test_split: str = "test") -> ImageDataset:
+  """A prepared tfds image dataset with 'image' and 'label' features (mnist, cifar10, stl10,
+  ...); images are centre-cropped to a square and resized to image_size (0: as stored)."""
+  from aigc_jax.data.tfds_source import tfds_examples
+
+  def read(split):
+    images, labels = [], []
+    for ex in tfds_examples(name, split, data_dir):
+      if "image" not in ex:
+        raise UserError(f"tfds dataset {name!r} has no 'image' feature (it has {sorted(ex)})")
+      images.append(_square(_with_channel(ex["image"][None])[0], image_size))
+      labels.append(int(ex.get("label", 0)))
+    if not images:
+      raise UserError(f"tfds dataset {name!r} split {split!r} is empty")
+    return np.stack(images), np.asarray(labels, np.int32)
+
+  train_images, train_labels = read(train_split)
+  test_images, test_labels = read(test_split)
+  return ImageDataset(name, train_images, train_labels, test_images, test_labels)
+
+
+def _square(image_HWC: np.ndarray, size: int) -> np.ndarray:
+  """Centre crop to a square, then resize (area-averaging) to size x size (0: keep)."""
+  H, W, C = image_HWC.shape
+  s = min(H, W)
+  top, left = (H - s) // 2, (W - s) // 2
+  image_HWC = image_HWC[top:top + s, left:left + s]
+  if size == 0 or size == s:
+    return image_HWC
+  from PIL import Image
+  pil = Image.fromarray(image_HWC[..., 0] if C == 1 else image_HWC)
+  resized = np.asarray(pil.resize((size, size), Image.BOX))
+  return resized[..., None] if C == 1 else resized
+
+
 def _split(name, images, labels, test_fraction) -> ImageDataset:
   order = np.random.default_rng(0).permutation(len(images))
   n_test = int(round(len(images) * test_fraction))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aigc_jax.data.tfds_source import tfds_examples
 from aigc_jax.errors import UserError
 
 Document = tuple[str, str]  # (name, text)
@@ -58,20 +59,8 @@ def text_documents(path: str) -> list[Document]:
 
 def tfds_documents(name: str, split: str, text_key: str, data_dir: str | None) -> list[Document]:
   """A prepared tfds text dataset (no download at run time)."""
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:
-    raise UserError("data.name='tfds' needs tensorflow-datasets: pip install 'aigc_jax[tfds]'"
-                    ) from e
-  try:
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises several types for a missing or unprepared dataset
-    raise UserError(f"tfds dataset {name!r} (split {split!r}) is not prepared in "
-                    f"{data_dir or 'the default tfds data_dir'}: prepare it on a machine with "
-                    f"network access (`tfds build {name}`) and copy it there, or set "
-                    f"data.tfds_data_dir ({type(e).__name__}: {e})") from e
   docs = []
-  for i, ex in enumerate(tfds.as_numpy(ds)):
+  for i, ex in enumerate(tfds_examples(name, split, data_dir)):
     if text_key not in ex:
       raise UserError(f"tfds dataset {name!r} has no feature {text_key!r}; its features are "
                       f"{sorted(ex)}: set data.tfds_text_key")

@@ -21,8 +21,7 @@ from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.train.state import TrainState
 
-DATASETS = {"fashion_mnist": image_data.load_fashion_mnist, "mnist5k": image_data.load_mnist5k,
-            "digits": image_data.load_digits}
+DATASETS = ("fashion_mnist", "mnist5k", "digits", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,8 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64,
                  g_norm="batch", d_norm="none")
-  c.data = dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits
-                path="")  # fashion_mnist: folder of IDX files (default: Debian's location)
+  c.data = dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits | tfds
+                path="",  # fashion_mnist: folder of IDX files (default: Debian's location)
+                tfds_name="",  # tfds: a prepared image dataset, e.g. cifar10, stl10
+                tfds_data_dir="", tfds_train_split="train", tfds_test_split="test")
   c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan
                 n_critic=1, gp_weight=0.0, r1_gamma=0.0, label_smoothing=0.0,
                 ema_decay=0.999)
@@ -41,6 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
                  checkpoint_every=500, keep_checkpoints=3)
   c.optim = dict(g_lr=2e-4, d_lr=2e-4, b1=0.5, b2=0.999)
   c.sample = dict(num=64)  # images in each sample grid
+  # fid_classifier at every evaluation: `samples` generated images (0: off) against the
+  # test set, in the features of a classifier trained for `classifier_epochs`, cached in
+  # the workdir.
+  c.fid = dict(samples=10000, classifier_epochs=2)
   c.mesh = dict(num_devices=-1)
   return c
 
@@ -50,7 +55,11 @@ def validate(c) -> None:
   gan_losses.check_objective(c.loss.name)
   require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                   "optim.g_lr", "optim.d_lr", "sample.num")
+                   "optim.g_lr", "optim.d_lr", "sample.num", "fid.classifier_epochs")
+  require(c.fid.samples >= 0, "fid.samples", "must be >= 0 (0: no FID)")
+  require(c.fid.samples != 1, "fid.samples", "must be 0 (off) or at least 2")
+  require(c.data.name != "tfds" or c.data.tfds_name, "data.tfds_name",
+          "must name a prepared tfds image dataset when data.name='tfds', e.g. 'cifar10'")
   require(c.loss.n_critic >= 1, "loss.n_critic", f"must be at least 1, got {c.loss.n_critic}")
   require(c.data.name in DATASETS, "data.name",
           f"must be one of {sorted(DATASETS)}, got {c.data.name!r}")
@@ -85,8 +94,14 @@ class Family:
   @functools.cached_property
   def dataset(self) -> image_data.ImageDataset:
     c = self.config.data
-    loader = DATASETS[c.name]
-    d = loader(c.path or None) if c.name == "fashion_mnist" else loader()
+    if c.name == "fashion_mnist":
+      d = image_data.load_fashion_mnist(c.path or None)
+    elif c.name == "tfds":
+      d = image_data.load_tfds_images(c.tfds_name, c.tfds_data_dir or None,
+                                      self.gan_cfg.image_size, c.tfds_train_split,
+                                      c.tfds_test_split)
+    else:
+      d = {"mnist5k": image_data.load_mnist5k, "digits": image_data.load_digits}[c.name]()
     if d.image_shape != self.gan_cfg.image_shape:
       raise UserError(f"data.name={c.name!r} has images of shape {d.image_shape}, but the model "
                       f"is configured for {self.gan_cfg.image_shape}: set model.image_size="
@@ -160,9 +175,12 @@ class Family:
       metrics = {"d_loss": loss, "d_real": d_real, "d_fake": d_fake, "gp": penalty}
       return (optax.apply_updates(d_params, updates), d_opt, stats), metrics
 
-    (d_params, d_opt, d_stats), d_metrics = jax.lax.scan(
-        d_update, (state.params["d"], state.opt_state["d"], state.extra["d_stats"]),
-        jnp.arange(lc.n_critic))
+    # A Python loop, not lax.scan: XLA:CPU runs these convolutions ~7x slower inside a
+    # while loop (measured at 28x28, batch 64), and n_critic is small.
+    d_carry = (state.params["d"], state.opt_state["d"], state.extra["d_stats"])
+    for i in range(lc.n_critic):
+      d_carry, d_metrics = d_update(d_carry, i)
+    d_params, d_opt, d_stats = d_carry
 
     z = jax.random.normal(jax.random.fold_in(rng, lc.n_critic), (B, Z))
 
@@ -180,8 +198,7 @@ class Family:
         step=state.step + 1, params={"g": g_params, "d": d_params},
         opt_state={"g": g_opt, "d": d_opt},
         extra={"g_stats": new_g_stats, "d_stats": d_stats, "ema": ema})
-    metrics = {k: v[-1] for k, v in d_metrics.items()}
-    metrics["g_loss"] = g_loss
+    metrics = {**d_metrics, "g_loss": g_loss}  # D's metrics from its last update
     return new_state, metrics
 
   def eval_step(self, state: TrainState, batch) -> dict:
@@ -202,17 +219,47 @@ class Family:
     return {"val_d_loss": sums["d_loss_sum"] / sums["count"],
             "val_g_loss": sums["g_loss_sum"] / sums["count"]}
 
+  @functools.cached_property
+  def fid_evaluator(self):
+    from aigc_jax.evaluation.classifier_fid import load_or_train
+    cache = None if self.workdir is None else os.path.join(self.workdir, "fid_classifier")
+    return load_or_train(self.dataset, cache, num_samples=self.config.fid.samples,
+                         epochs=self.config.fid.classifier_epochs, seed=self.config.seed)
+
+  def sample_metrics(self, state: TrainState) -> dict:
+    """fid_classifier of the EMA generator (fixed noise) with its floor and the
+    classifier's test accuracy."""
+    if self.config.fid.samples == 0:
+      return {}
+    fid = self.fid_evaluator
+    images = self.sample_images(state, fid.num_samples, seed=self.config.seed + 11)
+    return {"fid_classifier": fid.fid(images), **fid.summary()}
+
   # --- samples ----------------------------------------------------------------------
+  SAMPLE_CHUNK = 500  # images per compiled generator call, so memory stays bounded
+
   def sample_images(self, state: TrainState, num: int, seed: int) -> np.ndarray:
-    """uint8 [num, H, W, C] from the EMA generator."""
+    """uint8 [num, H, W, C] from the EMA generator (the same images for a seed, however
+    many are drawn at a time)."""
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.gan_cfg.z_dim))
-    images = self._sample_fn(state.extra["ema"], state.extra["g_stats"], z)
-    return np.asarray(jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8))
+    chunk = min(num, self.SAMPLE_CHUNK)
+    out = []
+    for start in range(0, num, chunk):
+      z_chunk = z[start:start + chunk]
+      n = z_chunk.shape[0]
+      if n < chunk:  # pad, so one compilation serves every chunk
+        z_chunk = jnp.concatenate([z_chunk, jnp.zeros((chunk - n, z.shape[1]))])
+      out.append(np.asarray(self._sample_fn(state.extra["ema"], state.extra["g_stats"],
+                                            z_chunk))[:n])
+    return np.concatenate(out)
 
   @functools.cached_property
   def _sample_fn(self):
     # One jitted function per family, so every evaluation reuses its compilation.
-    return jax.jit(lambda params, stats, z: self._generate(params, stats, z, False)[0])
+    def sample(params, stats, z):
+      images = self._generate(params, stats, z, False)[0]
+      return jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8)
+    return jax.jit(sample)
 
   def write_grid(self, images_u8: np.ndarray, path: str) -> str:
     from PIL import Image

@@ -199,6 +199,9 @@ class Family:
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
             "val_bits_per_byte": sums["nll_sum"] / (math.log(2) * sums["bytes"])}
 
+  def sample_metrics(self, state: TrainState) -> dict:
+    return {}  # the LM is measured by its held-out likelihood alone
+
   # --- samples ----------------------------------------------------------------------
   def generate_text(self, params, prompts: list[str], *, max_new_tokens: int, seed: int = 0,
                     temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0) -> list[str]:

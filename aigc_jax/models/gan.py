@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("dcgan", "mlp")
 G_NORMS = ("batch", "none")
@@ -91,8 +92,7 @@ class DCGANGenerator(nnx.Module):
     use_bn = cfg.g_norm == "batch"
     self.norms = nnx.List([nnx.BatchNorm(w, momentum=0.9, rngs=rngs) if use_bn else None
                            for w in widths[:-1]])
-    self.ups = nnx.List([nnx.ConvTranspose(widths[i], widths[i + 1], (4, 4), strides=2,
-                                           padding="SAME", rngs=rngs) for i in range(k)])
+    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], rngs=rngs) for i in range(k)])
 
   def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
     B = z_BZ.shape[0]

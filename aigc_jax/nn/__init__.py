@@ -1,7 +1,9 @@
-"""Shared layers: rotary embeddings, attention with a KV cache, MLPs."""
+"""Shared layers: rotary embeddings, attention with a KV cache, MLPs, 2x upsampling."""
 
 from aigc_jax.nn.attention import Attention, KVCache, init_kv_cache
 from aigc_jax.nn.mlp import SwiGLU
 from aigc_jax.nn.rope import apply_rope
+from aigc_jax.nn.upsample import UpConv2x, conv_transpose_2x
 
-__all__ = ["Attention", "KVCache", "SwiGLU", "apply_rope", "init_kv_cache"]
+__all__ = ["Attention", "KVCache", "SwiGLU", "UpConv2x", "apply_rope", "conv_transpose_2x",
+           "init_kv_cache"]

@@ -40,6 +40,9 @@ class Family(Protocol):
 
   def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]: ...
 
+  def sample_metrics(self, state: TrainState) -> dict[str, float]:
+    """Metrics of generated samples (e.g. FID) added to every evaluation; {} if none."""
+
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
     """Writes samples (text, images) under workdir/samples; returns the paths."""
 

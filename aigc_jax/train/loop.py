@@ -89,7 +89,7 @@ class Run:
 
   def evaluate(self) -> dict[str, float]:
     """The family's metrics over all its eval batches (sums accumulated on device; one
-    transfer at the end)."""
+    transfer at the end), then its sample metrics."""
     if not hasattr(self, "_eval_step"):
       self._eval_step = jax.jit(
           self.family.eval_step,
@@ -100,7 +100,7 @@ class Run:
       sums = self._eval_step(self.state, mesh_lib.put_batch(batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    return self.family.summarize_eval(totals)
+    return {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
 
 
 def open_run(config, workdir: str, *, for_training: bool) -> Run:

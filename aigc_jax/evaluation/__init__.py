@@ -1,0 +1,1 @@
+"""Sample-quality metrics: Fréchet distance in the features of a small classifier."""

@@ -1,5 +1,11 @@
 """aigc_jax: generative models in JAX on one compiled, sharded training core."""
 
+from aigc_jax.xla_flags import apply_fast_cpu_flags
+
+apply_fast_cpu_flags()  # before anything starts a JAX backend
+
+# ruff: noqa: E402
+
 from aigc_jax.errors import UserError
 from aigc_jax.models import Transformer, TransformerConfig
 from aigc_jax.models.sampling import generate, sample_logits

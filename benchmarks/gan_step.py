@@ -1,7 +1,8 @@
 """DCGAN train-step benchmark: our compiled adversarial step beside the same architecture
 in eager PyTorch.
 
-  python -m benchmarks.gan_step [--size 28] [--width 64] [--batch 64] [--steps 20] [--out F]
+  python -m benchmarks.gan_step [--size 28] [--width 64] [--depth 0] [--batch 64] [--steps 20]
+                                [--out F]
 
 Compile time, median/min step time (each synchronised with block_until_ready), steps/s,
 images/s, XLA's FLOP count and the compiled step's memory; then the PyTorch step when
@@ -25,9 +26,9 @@ from benchmarks.lm_step import timed
 
 
 def bench_dcgan(size: int, channels: int, width: int, z_dim: int, batch: int,
-                steps: int) -> dict:
+                steps: int, depth: int = 0) -> dict:
   c = default_config()
-  c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim)
+  c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim, depth=depth)
   c.train.update(batch_size=batch)
   family = Family(c, None)
   mesh = mesh_lib.make_mesh(-1)
@@ -54,7 +55,8 @@ def bench_dcgan(size: int, channels: int, width: int, z_dim: int, batch: int,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
-  return {"size": size, "channels": channels, "width": width, "z_dim": z_dim, "batch": batch,
+  return {"size": size, "channels": channels, "width": width, "depth": depth, "z_dim": z_dim,
+          "batch": batch,
           "lower_s": t1 - t0, "compile_s": t2 - t1, "step_median_s": median,
           "step_min_s": best, "step_std_s": spread, "steps_per_s": 1 / median,
           "images_per_s": batch / median,
@@ -68,17 +70,18 @@ def main(argv=None) -> dict:
   p.add_argument("--size", type=int, default=28)
   p.add_argument("--channels", type=int, default=1)
   p.add_argument("--width", type=int, default=64)
+  p.add_argument("--depth", type=int, default=0)
   p.add_argument("--z-dim", type=int, default=64)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  row = bench_dcgan(a.size, a.channels, a.width, a.z_dim, a.batch, a.steps)
+  row = bench_dcgan(a.size, a.channels, a.width, a.z_dim, a.batch, a.steps, a.depth)
   if not a.no_torch:
     try:
       from benchmarks.torch_dcgan import time_step
-      t = time_step(a.size, a.channels, a.z_dim, a.width, a.batch, a.steps)
+      t = time_step(a.size, a.channels, a.z_dim, a.width, a.batch, a.steps, depth=a.depth)
       row.update(torch_step_median_s=t["median_s"], torch_version=t["torch"],
                  speedup_vs_torch=t["median_s"] / row["step_median_s"])
     except ImportError:
@@ -90,7 +93,8 @@ def main(argv=None) -> dict:
         "| PyTorch ms | speed-up |")
   print("|---|---|---|---|---|---|---|---|")
   r = row
-  print(f"| {r['size']}x{r['size']}x{r['channels']} width {r['width']} B{r['batch']} | "
+  print(f"| {r['size']}x{r['size']}x{r['channels']} width {r['width']} depth {r['depth']} "
+        f"B{r['batch']} | "
         f"{r['compile_s']:.1f} | {r['step_median_s'] * 1e3:.1f} / {r['step_min_s'] * 1e3:.1f} "
         f"| {r['steps_per_s']:.2f} | {r['images_per_s']:,.0f} | "
         f"{r['xla_flops_per_step'] / 1e9:.2f} | "

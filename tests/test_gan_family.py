@@ -69,6 +69,8 @@ def test_discriminator_learns_to_tell_real_from_fake(gan_config):
     ("model.d_norm", "batch", "'model.d_norm' must be one of"),
     ("model.image_size", 30, "'model.image_size'=30 is not supported"),
     ("data.name", "cifar", "'data.name' must be one of"),
+    ("data.name", "tfds", "'data.tfds_name' must name a prepared tfds image dataset"),
+    ("fid.samples", 1, "'fid.samples' must be 0"),
 ])
 def test_bad_configs(gan_config, key, value, message):
   section, leaf = key.split(".")
@@ -103,3 +105,10 @@ def test_cli_train_sample_eval(tmp_path):
     assert summary[key] == metrics[key], key  # eval of the checkpoint == the run's last eval
   assert metrics["fid_floor"] < metrics["fid_classifier"]
   assert (tmp_path / "gan" / "fid_classifier").is_dir()  # the classifier is cached
+
+
+def test_ema_decay_warms_up_then_holds():
+  from aigc_jax.families.gan import ema_decay
+  decays = [float(ema_decay(0.999, jax.numpy.int32(s))) for s in (0, 10, 100, 100000)]
+  assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(11 / 20)
+  assert decays[2] == pytest.approx(101 / 110) and decays[3] == pytest.approx(0.999)

@@ -9,18 +9,22 @@ from aigc_jax.models.gan import GanConfig, build_gan, upsampling_plan
 from aigc_jax.models.gan_losses import d_loss, g_loss, gradient_penalty, r1_penalty
 
 
-@pytest.mark.parametrize("size, channels, arch, d_norm", [
-    (28, 1, "dcgan", "none"), (32, 3, "dcgan", "spectral"), (64, 3, "dcgan", "layer"),
-    (8, 1, "dcgan", "none"), (28, 1, "mlp", "none")])
-def test_shapes(size, channels, arch, d_norm):
+@pytest.mark.parametrize("size, channels, arch, d_norm, depth", [
+    (28, 1, "dcgan", "none", 0), (32, 3, "dcgan", "spectral", 1), (64, 3, "dcgan", "layer", 1),
+    (8, 1, "dcgan", "none", 2), (28, 1, "mlp", "none", 0)])
+def test_shapes(size, channels, arch, d_norm, depth):
   cfg = GanConfig(arch=arch, image_size=size, channels=channels, z_dim=16, width=8,
-                  d_norm=d_norm)
+                  d_norm=d_norm, depth=depth)
   g, d = build_gan(cfg, nnx.Rngs(0))
   images = nnx.jit(lambda g, z: g(z, train=True))(g, jnp.ones((3, 16)))
   assert images.shape == (3, size, size, channels)
   assert float(jnp.abs(images).max()) <= 1.0
   logits = nnx.jit(lambda d, x: d(x, train=True))(d, images)
   assert logits.shape == (3,)
+  if arch == "dcgan":  # depth adds one 3x3 conv per resolution to each player
+    k = upsampling_plan(size)[1]
+    count = lambda m: sum(isinstance(x, nnx.Conv) for _, x in nnx.iter_graph(m))
+    assert count(g) == k * depth and count(d) == k * (1 + depth)
 
 
 def test_plans_and_bad_configs():

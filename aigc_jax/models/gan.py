@@ -27,6 +27,7 @@ class GanConfig:
   channels: int = 1
   z_dim: int = 64
   width: int = 64  # DCGAN: channels of the widest-resolution conv layer; MLP: hidden units
+  depth: int = 0  # DCGAN: extra stride-1 3x3 conv blocks at each resolution of G and D
   g_norm: str = "batch"
   d_norm: str = "none"
 
@@ -39,6 +40,8 @@ class GanConfig:
     for field in ("image_size", "channels", "z_dim", "width"):
       if getattr(self, field) < 1:
         raise UserError(f"config 'model.{field}' must be positive, got {getattr(self, field)}")
+    if self.depth < 0:
+      raise UserError(f"config 'model.depth' must be >= 0, got {self.depth}")
     if self.arch == "dcgan":
       upsampling_plan(self.image_size)
 
@@ -64,9 +67,11 @@ class SpectralNormConv(nnx.Module):
   """A convolution whose kernel is divided by its largest singular value, estimated by
   one power iteration per training call with a persistent vector u (Miyato et al.)."""
 
-  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, out_features, (4, 4), strides=2, padding="SAME",
-                         rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+               kernel: int = 4, stride: int = 2):
+    self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
+                         padding="SAME", rngs=rngs)
+    self.stride = stride
     self.u = nnx.BatchStat(jax.random.normal(rngs.params(), (out_features,)))
 
   def __call__(self, x_BHWC: jax.Array, update_stats: bool) -> jax.Array:
@@ -78,56 +83,77 @@ class SpectralNormConv(nnx.Module):
     if update_stats:
       self.u[...] = u_O
     sigma = v_M @ w_MO @ u_O
-    y = jax.lax.conv_general_dilated(x_BHWC, w_HWIO / sigma, (2, 2), "SAME",
+    y = jax.lax.conv_general_dilated(x_BHWC, w_HWIO / sigma, (self.stride,) * 2, "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + self.conv.bias[...][None, None, None, :]
 
 
 class DCGANGenerator(nnx.Module):
+  """z -> a base x base map -> k times [norm, ReLU, `depth` x (3x3 conv, norm, ReLU),
+  2x up-convolution] -> tanh."""
+
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [cfg.channels]
     self.project = nnx.Linear(cfg.z_dim, self.base * self.base * widths[0], rngs=rngs)
-    use_bn = cfg.g_norm == "batch"
-    self.norms = nnx.List([nnx.BatchNorm(w, momentum=0.9, rngs=rngs) if use_bn else None
-                           for w in widths[:-1]])
+    norm = (lambda w: nnx.BatchNorm(w, momentum=0.9, rngs=rngs)) if cfg.g_norm == "batch" \
+        else (lambda w: None)
+    self.norms = nnx.List([norm(w) for w in widths[:-1]])
+    self.blocks = nnx.List([
+        nnx.List([nnx.List([nnx.Conv(widths[i], widths[i], (3, 3), rngs=rngs), norm(widths[i])])
+                  for _ in range(cfg.depth)]) for i in range(k)])
     self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], rngs=rngs) for i in range(k)])
 
   def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
     B = z_BZ.shape[0]
+    normalize = lambda norm, h: h if norm is None else norm(h, use_running_average=not train)
     h = self.project(z_BZ).reshape(B, self.base, self.base, -1)
     for i, up in enumerate(self.ups):
-      if self.norms[i] is not None:
-        h = self.norms[i](h, use_running_average=not train)
-      h = up(nnx.relu(h))
+      h = nnx.relu(normalize(self.norms[i], h))
+      for conv, norm in self.blocks[i]:
+        h = nnx.relu(normalize(norm, conv(h)))
+      h = up(h)
     return jnp.tanh(h)
 
 
 class DCGANDiscriminator(nnx.Module):
+  """images -> k times [stride-2 4x4 conv, norm, LeakyReLU, `depth` x (3x3 conv, norm,
+  LeakyReLU)] -> linear."""
+
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.channels] + [cfg.width * 2 ** i for i in range(k)]
-    if cfg.d_norm == "spectral":
-      self.convs = nnx.List([SpectralNormConv(widths[i], widths[i + 1], rngs=rngs)
-                             for i in range(k)])
-    else:
-      self.convs = nnx.List([nnx.Conv(widths[i], widths[i + 1], (4, 4), strides=2,
-                                      padding="SAME", rngs=rngs) for i in range(k)])
+
+    def conv(c_in, c_out, kernel, stride):
+      if cfg.d_norm == "spectral":
+        return SpectralNormConv(c_in, c_out, rngs=rngs, kernel=kernel, stride=stride)
+      return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding="SAME", rngs=rngs)
+
     # No normalisation after the first conv (DCGAN); layer norm suits WGAN-GP critics.
-    self.norms = nnx.List([
-        nnx.LayerNorm(widths[i + 1], reduction_axes=(1, 2, 3), feature_axes=-1, rngs=rngs)
-        if cfg.d_norm == "layer" and i > 0 else None for i in range(k)])
+    def norm(c, first=False):
+      if cfg.d_norm != "layer" or first:
+        return None
+      return nnx.LayerNorm(c, reduction_axes=(1, 2, 3), feature_axes=-1, rngs=rngs)
+
+    self.convs = nnx.List([conv(widths[i], widths[i + 1], 4, 2) for i in range(k)])
+    self.norms = nnx.List([norm(widths[i + 1], first=i == 0) for i in range(k)])
+    self.blocks = nnx.List([
+        nnx.List([nnx.List([conv(widths[i + 1], widths[i + 1], 3, 1), norm(widths[i + 1])])
+                  for _ in range(cfg.depth)]) for i in range(k)])
     self.head = nnx.Linear(base * base * widths[-1], 1, rngs=rngs)
 
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
-    h = images_BHWC
-    for conv, norm in zip(self.convs, self.norms, strict=True):
+    def layer(conv, norm, h):
       h = conv(h, train) if isinstance(conv, SpectralNormConv) else conv(h)
-      if norm is not None:
-        h = norm(h)
-      h = nnx.leaky_relu(h, 0.2)
+      return nnx.leaky_relu(h if norm is None else norm(h), 0.2)
+
+    h = images_BHWC
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+      h = layer(conv, norm, h)
+      for block_conv, block_norm in self.blocks[i]:
+        h = layer(block_conv, block_norm, h)
     return self.head(h.reshape(h.shape[0], -1))[:, 0]
 
 

@@ -74,6 +74,8 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
               label=split)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
+    if key.startswith("fid") and by_split:
+      ax.set_yscale("log")  # FID falls over orders of magnitude
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()

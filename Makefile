@@ -7,6 +7,9 @@ DEMO_DIR ?= runs/demo
 # The demo's GAN: the Fashion-MNIST DCGAN for 2,000 of its 6,000 steps (~4 min on 2 cores).
 GAN_DEMO_OVERRIDES := --config.train.steps=2000 --config.train.eval_every=500 \
   --config.train.checkpoint_every=500 --config.fid.samples=5000
+# The demo's VAE: 1,500 steps (~2 min), the IWAE NLL (k = 1000) on 256 test images.
+VAE_DEMO_OVERRIDES := --config.train.steps=1500 --config.train.eval_every=500 \
+  --config.train.checkpoint_every=500 --config.iwae.images=256
 
 # Fashion-MNIST: Debian's dataset-fashion-mnist package, installed system-wide when we are
 # root, else unpacked into .data/ (and found there through $$AIGC_JAX_FASHION_MNIST).
@@ -45,6 +48,10 @@ demo: setup data
 	  $(GAN_DEMO_OVERRIDES)
 	$(BIN)/aigc-jax sample --workdir $(DEMO_DIR)/gan --num 64
 	$(BIN)/aigc-jax eval --workdir $(DEMO_DIR)/gan > $(DEMO_DIR)/gan/eval.json
+	mkdir -p $(DEMO_DIR)/vae
+	$(BIN)/aigc-jax train --config configs/vae_fashion_mnist.py --workdir $(DEMO_DIR)/vae \
+	  $(VAE_DEMO_OVERRIDES) > $(DEMO_DIR)/vae/summary.json
+	$(BIN)/aigc-jax sample --workdir $(DEMO_DIR)/vae --num 64
 	@echo
 	@echo "Demo finished."
 	@echo "LM (code, byte-level) in $(DEMO_DIR)/lm:"
@@ -55,6 +62,10 @@ demo: setup data
 	@echo "  evaluation     $(DEMO_DIR)/gan/eval.json: $$(cat $(DEMO_DIR)/gan/eval.json)"
 	@echo "  sample grid    $(DEMO_DIR)/gan/samples/sample_64_seed0.png (fixed noise: step_*.png)"
 	@echo "  loss curves    $(DEMO_DIR)/gan/plots/loss.png"
+	@echo "VAE (conv, binarized Fashion-MNIST) in $(DEMO_DIR)/vae:"
+	@echo "  evaluation     $(DEMO_DIR)/vae/summary.json: $$(tr -d '\n ' < $(DEMO_DIR)/vae/summary.json)"
+	@echo "  pictures       $(DEMO_DIR)/vae/samples/{reconstructions,samples,interpolation}_64_seed0.png"
+	@echo "  loss curves    $(DEMO_DIR)/vae/plots/loss.png"
 	@echo "Each run also has metrics.jsonl, tensorboard/ and checkpoints/."
 	@echo "--- first LM sample ---"
 	@sed -n '1,25p' $(DEMO_DIR)/lm/samples/final.txt

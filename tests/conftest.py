@@ -13,6 +13,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "lm_tiny.py")
 GAN_CONFIG = str(ROOT / "configs" / "gan_tiny.py")
+VAE_CONFIG = str(ROOT / "configs" / "vae_tiny.py")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.families.lm import Family
 from aigc_jax.train import Checkpointer, train
 from aigc_jax.train.loop import open_run
-from tests.conftest import GAN_CONFIG, TINY_CONFIG, run_python
+from tests.conftest import GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_python
 
 
 def unigram_entropy(ids: np.ndarray) -> float:
@@ -104,7 +104,7 @@ print(json.dumps({"devices": [d1, d8], "loss_diff": float(np.max(np.abs(np.subtr
 """
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, GAN_CONFIG])
+@pytest.mark.parametrize("config", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG])
 def test_one_and_eight_devices_agree(config):
   proc = run_python(SHARDED, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
                     args=[config])
@@ -127,7 +127,8 @@ train(cfg, workdir, progress=False)
 # Dropout on (LM) and BatchNorm statistics + EMA (GAN): every kind of state must resume.
 # Evaluation (FID) is not part of the state, so it is left out to keep the test short.
 RESUME_CASES = [(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}),
-                (GAN_CONFIG, {"fid.samples": 0})]
+                (GAN_CONFIG, {"fid.samples": 0}),
+                (VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0})]  # binarization: step rng
 
 
 def _final_params(workdir, cfg):

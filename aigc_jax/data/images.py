@@ -171,6 +171,62 @@ def _split(name, images, labels, test_fraction) -> ImageDataset:
   return ImageDataset(name, images[train], labels[train], images[test], labels[test])
 
 
+IMAGE_DATASETS = ("fashion_mnist", "mnist5k", "digits", "tfds")
+
+
+def load_image_dataset(data_cfg, image_shape: tuple[int, int, int]) -> ImageDataset:
+  """The dataset an image family's `data` config section names (name, path, tfds_*),
+  checked against the model's image shape (H, W, C)."""
+  c = data_cfg
+  if c.name == "fashion_mnist":
+    d = load_fashion_mnist(c.path or None)
+  elif c.name == "tfds":
+    d = load_tfds_images(c.tfds_name, c.tfds_data_dir or None, image_shape[0],
+                         c.tfds_train_split, c.tfds_test_split)
+  elif c.name in ("mnist5k", "digits"):
+    d = {"mnist5k": load_mnist5k, "digits": load_digits}[c.name]()
+  else:
+    raise UserError(f"config 'data.name' must be one of {IMAGE_DATASETS}, got {c.name!r}")
+  if d.image_shape != tuple(image_shape):
+    raise UserError(f"data.name={c.name!r} has images of shape {d.image_shape}, but the model "
+                    f"is configured for {tuple(image_shape)}: set model.image_size="
+                    f"{d.image_shape[0]} and model.channels={d.image_shape[2]}")
+  return d
+
+
+def image_data_config() -> dict:
+  """The `data` config section every image family shares."""
+  return dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits | tfds
+              path="",  # fashion_mnist: folder of IDX files (default: Debian's location)
+              tfds_name="",  # tfds: a prepared image dataset, e.g. cifar10, stl10
+              tfds_data_dir="", tfds_train_split="train", tfds_test_split="test")
+
+
+def validate_image_data_config(c) -> None:
+  from aigc_jax.config import require
+  require(c.data.name in IMAGE_DATASETS, "data.name",
+          f"must be one of {sorted(IMAGE_DATASETS)}, got {c.data.name!r}")
+  require(c.data.name != "tfds" or c.data.tfds_name, "data.tfds_name",
+          "must name a prepared tfds image dataset when data.name='tfds', e.g. 'cifar10'")
+
+
+def write_grid(images_u8: np.ndarray, path: str, cols: int | None = None) -> str:
+  """uint8 images [N, H, W, C] tiled into one PNG (2-pixel gaps, upscaled to >= 256 px);
+  `cols` per row (default: a square)."""
+  from PIL import Image
+  n, H, W, C = images_u8.shape
+  cols = cols or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  grid = np.zeros((rows * (H + 2) + 2, cols * (W + 2) + 2, C), np.uint8)
+  for i, img in enumerate(images_u8):
+    r, c = divmod(i, cols)
+    grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
+  scale = max(1, 256 // max(grid.shape[:2]))
+  out = Image.fromarray(grid[..., 0] if C == 1 else grid)
+  out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(path)
+  return path
+
+
 def to_unit_range(images_u8: np.ndarray) -> np.ndarray:
   """uint8 [0, 255] -> float32 [-1, 1]."""
   return images_u8.astype(np.float32) / 127.5 - 1.0

@@ -16,12 +16,9 @@ from flax import nnx
 
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
-from aigc_jax.errors import UserError
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.train.state import TrainState
-
-DATASETS = ("fashion_mnist", "mnist5k", "digits", "tfds")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -31,10 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64, depth=0,
                  g_norm="batch", d_norm="none")
-  c.data = dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits | tfds
-                path="",  # fashion_mnist: folder of IDX files (default: Debian's location)
-                tfds_name="",  # tfds: a prepared image dataset, e.g. cifar10, stl10
-                tfds_data_dir="", tfds_train_split="train", tfds_test_split="test")
+  c.data = image_data.image_data_config()
   c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan
                 n_critic=1, gp_weight=0.0, r1_gamma=0.0, label_smoothing=0.0,
                 ema_decay=0.999)
@@ -58,11 +52,8 @@ def validate(c) -> None:
                    "optim.g_lr", "optim.d_lr", "sample.num", "fid.classifier_epochs")
   require(c.fid.samples >= 0, "fid.samples", "must be >= 0 (0: no FID)")
   require(c.fid.samples != 1, "fid.samples", "must be 0 (off) or at least 2")
-  require(c.data.name != "tfds" or c.data.tfds_name, "data.tfds_name",
-          "must name a prepared tfds image dataset when data.name='tfds', e.g. 'cifar10'")
   require(c.loss.n_critic >= 1, "loss.n_critic", f"must be at least 1, got {c.loss.n_critic}")
-  require(c.data.name in DATASETS, "data.name",
-          f"must be one of {sorted(DATASETS)}, got {c.data.name!r}")
+  image_data.validate_image_data_config(c)
   require(0 <= c.loss.ema_decay < 1, "loss.ema_decay", "must be in [0, 1)")
   require(0 <= c.loss.label_smoothing < 1, "loss.label_smoothing", "must be in [0, 1)")
   require(c.loss.gp_weight >= 0 and c.loss.r1_gamma >= 0, "loss.gp_weight",
@@ -101,20 +92,7 @@ class Family:
   # --- data -------------------------------------------------------------------------
   @functools.cached_property
   def dataset(self) -> image_data.ImageDataset:
-    c = self.config.data
-    if c.name == "fashion_mnist":
-      d = image_data.load_fashion_mnist(c.path or None)
-    elif c.name == "tfds":
-      d = image_data.load_tfds_images(c.tfds_name, c.tfds_data_dir or None,
-                                      self.gan_cfg.image_size, c.tfds_train_split,
-                                      c.tfds_test_split)
-    else:
-      d = {"mnist5k": image_data.load_mnist5k, "digits": image_data.load_digits}[c.name]()
-    if d.image_shape != self.gan_cfg.image_shape:
-      raise UserError(f"data.name={c.name!r} has images of shape {d.image_shape}, but the model "
-                      f"is configured for {self.gan_cfg.image_shape}: set model.image_size="
-                      f"{d.image_shape[0]} and model.channels={d.image_shape[2]}")
-    return d
+    return image_data.load_image_dataset(self.config.data, self.gan_cfg.image_shape)
 
   @functools.cached_property
   def train_data(self) -> image_data.ImageBatches:
@@ -270,20 +248,6 @@ class Family:
       return jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8)
     return jax.jit(sample)
 
-  def write_grid(self, images_u8: np.ndarray, path: str) -> str:
-    from PIL import Image
-    n, H, W, C = images_u8.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * (H + 2) + 2, cols * (W + 2) + 2, C), np.uint8)
-    for i, img in enumerate(images_u8):
-      r, c = divmod(i, cols)
-      grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
-    scale = max(1, 256 // grid.shape[0])
-    out = Image.fromarray(grid[..., 0] if C == 1 else grid)
-    out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(path)
-    return path
-
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
     """`aigc-jax sample`: a grid of `num` images from the EMA generator, as a PNG."""
     num = options.get("num") or self.config.sample.num
@@ -291,7 +255,7 @@ class Family:
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"sample_{num}_seed{seed}.png")
-    self.write_grid(self.sample_images(state, num, seed), path)
+    image_data.write_grid(self.sample_images(state, num, seed), path)
     return f"wrote {num} samples to {path}"
 
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
@@ -299,4 +263,4 @@ class Family:
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     images = self.sample_images(state, self.config.sample.num, seed=self.config.seed)
-    return [self.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"))]
+    return [image_data.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"))]

@@ -181,7 +181,8 @@ class Family:
   def model(self, params) -> Transformer:
     return nnx.merge(self.graphdef, params)
 
-  def _loss(self, model, batch, rng):
+  def _loss(self, model, batch, rng, step):
+    del step  # the LM's loss follows no schedule
     deterministic = self.model_cfg.dropout == 0
     logits_BTV = model(batch["inputs"], deterministic=deterministic,
                        rngs=None if deterministic else nnx.Rngs(dropout=rng))

@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from aigc_jax import config as config_lib
@@ -99,8 +100,9 @@ class Run:
     for batch in self.family.eval_batches():
       sums = self._eval_step(self.state, mesh_lib.put_batch(batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    return {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
+    totals = {k: np.asarray(v) for k, v in jax.device_get(totals).items()}
+    metrics = {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
+    return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()}
 
 
 def open_run(config, workdir: str, *, for_training: bool) -> Run:

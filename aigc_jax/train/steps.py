@@ -11,11 +11,12 @@ from flax import nnx
 
 from aigc_jax.train.state import TrainState
 
-# loss_fn(model, batch, rng) -> (scalar loss, dict of scalar metrics)
+# loss_fn(model, batch, rng, step) -> (scalar loss, dict of scalar metrics); `step` (int32
+# scalar) lets a loss follow a schedule (e.g. a VAE's KL warm-up).
 # optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[nnx.Module, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
 
 
 def split_microbatches(batch, num_micro: int):
@@ -36,24 +37,25 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
   whether or not the run was resumed.
   """
 
-  def loss_of_params(params, batch, rng):
-    return loss_fn(nnx.merge(graphdef, params), batch, rng)
+  def loss_of_params(params, batch, rng, step):
+    return loss_fn(nnx.merge(graphdef, params), batch, rng, step)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng)
+      (loss, aux), grads = grad_fn(state.params, batch, rng, state.step)
     else:
       micro = split_microbatches(batch, grad_accum_steps)
 
       def accumulate(carry, inputs):
         i, mb = inputs
-        (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-      zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng,
+                            state.step)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
       zero = (zero[0][0], zero[0][1], zero[1])
       total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum_steps), micro))

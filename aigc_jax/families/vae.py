@@ -1,0 +1,289 @@
+"""The VAE as a family on the shared loop: config, image data (dynamic binarization for the
+Bernoulli likelihood), the ELBO step, evaluation (negative ELBO, importance-weighted NLL,
+bits per dimension, active units) and pictures (reconstructions, prior samples, a latent
+interpolation)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from aigc_jax.config import require, require_positive
+from aigc_jax.data import images as image_data
+from aigc_jax.errors import UserError
+from aigc_jax.models import vae_losses
+from aigc_jax.models.vae import VAE, VaeConfig
+from aigc_jax.train.optim import adamw
+from aigc_jax.train.state import TrainState
+from aigc_jax.train.steps import make_supervised_step
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Cov_x(E_q[z_i | x]) above this: an active unit (Burda et al.)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a VAE run config may set, with its default (a conv VAE on binarized
+  Fashion-MNIST)."""
+  c = ml_collections.ConfigDict()
+  c.family = "vae"
+  c.seed = 0
+  c.model = dict(arch="conv", image_size=28, channels=1, latent_dim=20, width=32, hidden=512,
+                 likelihood="bernoulli")  # bernoulli (binarized) | logistic | gaussian (8-bit)
+  c.data = image_data.image_data_config()
+  c.data.binarize = "dynamic"  # bernoulli only: dynamic (a fresh draw each step) | threshold
+  c.loss = dict(beta=1.0, kl_warmup_steps=0, free_bits=0.0)
+  c.train = dict(steps=3000, batch_size=128, log_every=100, eval_every=1000, eval_batches=8,
+                 checkpoint_every=1000, keep_checkpoints=3)
+  c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.0, b1=0.9,
+                 b2=0.999, eps=1e-8, grad_clip=0.0)
+  # The importance-weighted NLL at every evaluation on `images` test images: k samples
+  # per image during training, final_k once train.steps is reached (the figure to
+  # report), drawn `chunk` at a time (memory ~ chunk x 64 decoder passes).
+  c.iwae = dict(k=100, final_k=1000, chunk=100, images=512)
+  c.sample = dict(num=64)  # prior samples in each grid
+  c.mesh = dict(num_devices=-1)
+  return c
+
+
+def validate(c) -> None:
+  VaeConfig(**dict(c.model))  # names the bad model field
+  image_data.validate_image_data_config(c)
+  require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
+                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                   "optim.lr", "iwae.chunk", "sample.num")
+  require(c.data.binarize in ("dynamic", "threshold"), "data.binarize",
+          f"must be 'dynamic' or 'threshold', got {c.data.binarize!r}")
+  require(c.loss.beta >= 0, "loss.beta", f"must be >= 0, got {c.loss.beta}")
+  require(c.loss.kl_warmup_steps >= 0, "loss.kl_warmup_steps", "must be >= 0")
+  require(c.loss.free_bits >= 0, "loss.free_bits", "must be >= 0 (nats per latent dimension)")
+  require(c.iwae.k >= 0 and c.iwae.final_k >= 0 and c.iwae.images >= 0, "iwae",
+          "needs k, final_k and images >= 0 (0: off)")
+
+
+def check_targets(images: np.ndarray, likelihood: str, image_shape) -> None:
+  """Images for a likelihood: [N, H, W, C] of image_shape, in {0, 1} (bernoulli) or
+  [-1, 1] (logistic, gaussian); else one clear error."""
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise UserError(f"images must have shape [N, {', '.join(map(str, image_shape))}], got "
+                    f"{images.shape}: check model.image_size / model.channels")
+  lo, hi = float(images.min()), float(images.max())
+  if likelihood == "bernoulli" and not np.isin(images, (0.0, 1.0)).all():
+    raise UserError(f"the bernoulli likelihood needs binary images in {{0, 1}}, got values in "
+                    f"[{lo:.3g}, {hi:.3g}]: binarize them, or use model.likelihood='logistic'")
+  if likelihood != "bernoulli" and (lo < -1 - 1e-6 or hi > 1 + 1e-6):
+    raise UserError(f"the {likelihood} likelihood needs images scaled to [-1, 1], got values "
+                    f"in [{lo:.3g}, {hi:.3g}]")
+
+
+class Family:
+  name = "vae"
+  plot_keys = ("loss", "neg_elbo", "kl")
+
+  def __init__(self, config, workdir: str | None):
+    self.config, self.workdir = config, workdir
+    self.vae_cfg = VaeConfig(**dict(config.model))
+    abstract = nnx.eval_shape(lambda: VAE(self.vae_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef = nnx.split(abstract)[0]
+    self.tx, self.schedule = adamw(config.optim, config.train.steps)
+    self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule)
+    self.items_per_step = {"images": config.train.batch_size}
+    self.num_dims = int(np.prod(self.vae_cfg.image_shape))
+
+  # --- data -------------------------------------------------------------------------
+  @functools.cached_property
+  def dataset(self) -> image_data.ImageDataset:
+    return image_data.load_image_dataset(self.config.data, self.vae_cfg.image_shape)
+
+  @functools.cached_property
+  def train_data(self) -> image_data.ImageBatches:
+    return image_data.ImageBatches(self.dataset.train_images, self.dataset.train_labels,
+                                   self.config.train.batch_size, self.config.seed)
+
+  @property
+  def bernoulli(self) -> bool:
+    return self.vae_cfg.likelihood == "bernoulli"
+
+  def targets(self, images_m11: np.ndarray, seed: int) -> np.ndarray:
+    """Host images in [-1, 1] -> the likelihood's targets: for bernoulli, binarized with
+    pixel intensity as probability (a fixed draw for `seed`) or at 0.5."""
+    if not self.bernoulli:
+      return images_m11
+    p = (images_m11 + 1) / 2
+    if self.config.data.binarize == "threshold":
+      return (p > 0.5).astype(np.float32)
+    return (np.random.default_rng(seed).random(p.shape) < p).astype(np.float32)
+
+  def eval_batches(self):
+    """The first train.eval_batches x batch_size test images (binarized once, with a fixed
+    seed, for bernoulli)."""
+    if not hasattr(self, "_eval_batches"):
+      n = self.config.train.eval_batches * self.config.train.batch_size
+      test = self.dataset.test_images
+      if len(test) < n:
+        raise UserError(f"train.eval_batches x train.batch_size = {n} test images wanted, "
+                        f"but the test split has {len(test)}: lower train.eval_batches")
+      images = self.targets(image_data.to_unit_range(test[:n]), self.config.seed + 1)
+      check_targets(images, self.vae_cfg.likelihood, self.vae_cfg.image_shape)
+      B = self.config.train.batch_size
+      self._eval_batches = [{"images": images[i:i + B]} for i in range(0, n, B)]
+    return self._eval_batches
+
+  # --- model ------------------------------------------------------------------------
+  def init_state(self, rng: jax.Array) -> TrainState:
+    k_model, k_train = jax.random.split(rng)
+    params = nnx.to_pure_dict(nnx.state(VAE(self.vae_cfg, rngs=nnx.Rngs(params=k_model))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), rng=k_train, extra={})
+
+  def model(self, params) -> VAE:
+    return nnx.merge(self.graphdef, params)
+
+  def _encoder_input(self, x):
+    return x * 2.0 - 1.0 if self.bernoulli else x  # the encoder always sees [-1, 1]
+
+  def _elbo(self, model: VAE, x, key, beta=1.0, free_bits=0.0):
+    mean, logvar = model.encode(self._encoder_input(x))
+    z = vae_losses.reparameterize(key, mean, logvar)
+    log_px = vae_losses.log_likelihood(self.vae_cfg.likelihood, model.decode(z), x)
+    kl_BZ = vae_losses.gaussian_kl_BZ(mean, logvar)
+    loss_B, elbo_B = vae_losses.elbo_terms(log_px, kl_BZ, beta=beta, free_bits=free_bits)
+    return loss_B, elbo_B, kl_BZ, mean
+
+  def kl_weight(self, step: jax.Array) -> jax.Array:
+    """beta, ramped linearly from 0 over loss.kl_warmup_steps."""
+    lc = self.config.loss
+    if lc.kl_warmup_steps == 0:
+      return jnp.float32(lc.beta)
+    return lc.beta * jnp.minimum(1.0, step.astype(jnp.float32) / lc.kl_warmup_steps)
+
+  def _loss(self, model: VAE, batch, rng, step):
+    k_bin, k_z = jax.random.split(rng)
+    x = batch["images"]
+    if self.bernoulli:  # dynamic binarization: a fresh draw every step
+      p = (x + 1) / 2
+      x = (jax.random.uniform(k_bin, p.shape) < p).astype(jnp.float32) \
+          if self.config.data.binarize == "dynamic" else (p > 0.5).astype(jnp.float32)
+    loss_B, elbo_B, kl_BZ, _ = self._elbo(model, x, k_z, self.kl_weight(step),
+                                          self.config.loss.free_bits)
+    return loss_B.mean(), {"neg_elbo": -elbo_B.mean(), "kl": kl_BZ.sum(-1).mean(),
+                           "kl_weight": self.kl_weight(step)}
+
+  def eval_step(self, state: TrainState, batch) -> dict:
+    """Sums over held-out images: -ELBO (one posterior sample, fixed key), KL, and the
+    posterior means' first and second moments (for active units)."""
+    x = batch["images"]
+    key = jax.random.PRNGKey(self.config.seed + 3)
+    _, elbo_B, kl_BZ, mean_BZ = self._elbo(self.model(state.params), x, key)
+    return {"neg_elbo_sum": -elbo_B.sum(), "kl_sum": kl_BZ.sum(), "count": jnp.float32(x.shape[0]),
+            "mean_sum_Z": mean_BZ.sum(0), "mean_sq_sum_Z": (mean_BZ ** 2).sum(0)}
+
+  def summarize_eval(self, sums: dict) -> dict:
+    n = sums["count"]
+    variance_Z = sums["mean_sq_sum_Z"] / n - (sums["mean_sum_Z"] / n) ** 2
+    neg_elbo = sums["neg_elbo_sum"] / n
+    return {"neg_elbo": neg_elbo, "kl": sums["kl_sum"] / n,
+            "neg_elbo_bits_per_dim": neg_elbo / (self.num_dims * math.log(2)),
+            "active_units": int((variance_Z > ACTIVE_UNIT_THRESHOLD).sum())}
+
+  # --- the importance-weighted bound ------------------------------------------------
+  @functools.cached_property
+  def _iwae_chunk_fn(self):
+    """(params, x [B, ...], key, k) -> log importance weights [k, B] (one compilation per
+    chunk size)."""
+    def log_weights(params, x, key, k: int):
+      model = self.model(params)
+      mean, logvar = model.encode(self._encoder_input(x))
+      z_KBZ = vae_losses.reparameterize(key, mean, logvar, num=k)
+      K, B, Z = z_KBZ.shape
+      decoded = model.decode(z_KBZ.reshape(K * B, Z))
+      x_K = jnp.broadcast_to(x[None], (K, *x.shape)).reshape(K * B, *x.shape[1:])
+      log_px = vae_losses.log_likelihood(self.vae_cfg.likelihood, decoded, x_K).reshape(K, B)
+      return vae_losses.iwae_log_weights(log_px, z_KBZ, mean, logvar)
+    return jax.jit(log_weights, static_argnums=3)
+
+  def iwae_nll(self, params, images: np.ndarray, k: int, chunk: int, seed: int = 0,
+               batch_size: int = 64) -> np.ndarray:
+    """-log p(x) estimated with k importance samples per image (the IWAE bound), drawn
+    `chunk` at a time: nats per image [N]."""
+    out = []
+    for start in range(0, len(images), batch_size):
+      x = images[start:start + batch_size]
+      total, drawn = None, 0
+      while drawn < k:
+        n = min(chunk, k - drawn)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), start * (k + 1) + drawn)
+        lse = jax.scipy.special.logsumexp(self._iwae_chunk_fn(params, x, key, n), axis=0)
+        total = lse if total is None else jnp.logaddexp(total, lse)
+        drawn += n
+      out.append(np.asarray(-(total - math.log(k))))
+    return np.concatenate(out)
+
+  def sample_metrics(self, state: TrainState) -> dict:
+    """nll_iwae (nats per image) and bits_per_dim on the first iwae.images eval images,
+    with iwae.final_k samples once training is complete, else iwae.k."""
+    c = self.config.iwae
+    k = c.final_k if int(state.step) >= self.config.train.steps else c.k
+    if k == 0 or c.images == 0:
+      return {}
+    images = np.concatenate([b["images"] for b in self.eval_batches()])[:c.images]
+    nll = float(self.iwae_nll(state.params, images, k, min(c.chunk, k),
+                              seed=self.config.seed + 5).mean())
+    return {"nll_iwae": nll, "bits_per_dim": nll / (self.num_dims * math.log(2)),
+            "iwae_k": k, "iwae_images": len(images)}
+
+  # --- pictures ---------------------------------------------------------------------
+  def _to_u8(self, decoded) -> np.ndarray:
+    """The likelihood's mean image as uint8."""
+    if self.bernoulli:
+      pixels = jax.nn.sigmoid(decoded) * 2 - 1
+    else:
+      pixels = decoded[0]
+    return np.asarray(jnp.round((pixels + 1) * 127.5).clip(0, 255).astype(jnp.uint8))
+
+  @functools.cached_property
+  def _picture_fns(self):
+    encode = jax.jit(lambda params, x: self.model(params).encode(self._encoder_input(x))[0])
+    decode = jax.jit(lambda params, z: self.model(params).decode(z))
+    return encode, decode
+
+  def pictures(self, state: TrainState, num: int, seed: int) -> dict[str, np.ndarray]:
+    """uint8 grids' images: reconstructions (inputs beside outputs), prior samples, and an
+    interpolation between the posterior means of pairs of test images."""
+    encode, decode = self._picture_fns
+    x = self.eval_batches()[0]["images"][:min(num, 32)]
+    recon = self._to_u8(decode(state.params, encode(state.params, x)))
+    inputs = np.asarray(jnp.round((self._encoder_input(x) + 1) * 127.5).astype(jnp.uint8))
+    pairs = np.stack([inputs, recon], 1).reshape(-1, *recon.shape[1:])
+    z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
+    samples = self._to_u8(decode(state.params, z))
+    ends = encode(state.params, x[:16])
+    a, b = ends[:8], ends[8:16]
+    t = jnp.linspace(0, 1, 10)[None, :, None]
+    path = (a[:, None] * (1 - t) + b[:, None] * t).reshape(-1, self.vae_cfg.latent_dim)
+    interpolation = self._to_u8(decode(state.params, path))
+    return {"reconstructions": pairs, "samples": samples, "interpolation": interpolation}
+
+  def _write_pictures(self, state, out_dir: str, suffix: str, num: int, seed: int) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    cols = {"reconstructions": 16, "interpolation": 10, "samples": None}
+    return [image_data.write_grid(images, os.path.join(out_dir, f"{name}{suffix}.png"),
+                                  cols=cols[name])
+            for name, images in self.pictures(state, num, seed).items()]
+
+  def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
+    return self._write_pictures(state, os.path.join(workdir, "samples"), f"_step_{step:07d}",
+                                self.config.sample.num, self.config.seed)
+
+  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
+    """`aigc-jax sample`: prior samples, reconstructions and an interpolation, as PNGs."""
+    num = options.get("num") or self.config.sample.num
+    seed = options.get("seed") or 0
+    paths = self._write_pictures(state, os.path.join(workdir, "samples"),
+                                 f"_{num}_seed{seed}", num, seed)
+    return "wrote " + ", ".join(paths)

@@ -1,0 +1,148 @@
+"""VAE encoders and decoders (Flax NNX): a convolutional pair for square images (the DCGAN
+resolutions: 8, 28, 32, 64) and an MLP pair, with a diagonal-Gaussian posterior.
+
+Encoder: images [B, H, W, C] -> (mean [B, Z], logvar [B, Z]).
+Decoder: z [B, Z] -> Bernoulli logits [B, H, W, C], or (mean, log_scale) [B, H, W, C] each
+for the discretized logistic / Gaussian likelihoods of 8-bit images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aigc_jax.errors import UserError
+from aigc_jax.models.gan import upsampling_plan
+from aigc_jax.models.vae_losses import check_likelihood
+from aigc_jax.nn.upsample import UpConv2x
+
+ARCHITECTURES = ("conv", "mlp")
+_MIN_LOG_SCALE = -7.0  # keeps the pixel scale above ~1e-3: 1/4 of an 8-bit level
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeConfig:
+  arch: str = "conv"
+  image_size: int = 28
+  channels: int = 1
+  latent_dim: int = 20
+  width: int = 32  # conv: channels of the first conv layer (doubling per 2x downsampling)
+  hidden: int = 512  # the fully connected layer (conv) or both hidden layers (MLP)
+  likelihood: str = "bernoulli"  # bernoulli | logistic | gaussian
+
+  def __post_init__(self):
+    if self.arch not in ARCHITECTURES:
+      raise UserError(f"config 'model.arch' must be one of {ARCHITECTURES}, got {self.arch!r}")
+    check_likelihood(self.likelihood)
+    for field in ("image_size", "channels", "width", "hidden"):
+      if getattr(self, field) < 1:
+        raise UserError(f"config 'model.{field}' must be positive, got {getattr(self, field)}")
+    if self.latent_dim < 1:
+      raise UserError(f"config 'model.latent_dim' must be at least 1, got {self.latent_dim}")
+    if self.arch == "conv":
+      upsampling_plan(self.image_size)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.image_size, self.image_size, self.channels)
+
+  @property
+  def outputs_per_pixel(self) -> int:
+    return 1 if self.likelihood == "bernoulli" else 2
+
+
+
+
+def _split_output(cfg: VaeConfig, out_BHWK: jax.Array):
+  if cfg.likelihood == "bernoulli":
+    return out_BHWK
+  C = cfg.channels
+  mean = jnp.tanh(out_BHWK[..., :C])  # pixel means inside [-1, 1]
+  log_scale = jnp.maximum(out_BHWK[..., C:], _MIN_LOG_SCALE)
+  return mean, log_scale
+
+
+class ConvEncoder(nnx.Module):
+  def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    base, k = upsampling_plan(cfg.image_size)
+    widths = [cfg.channels] + [cfg.width * 2 ** i for i in range(k)]
+    self.convs = nnx.List([nnx.Conv(widths[i], widths[i + 1], (4, 4), strides=2,
+                                    padding="SAME", rngs=rngs) for i in range(k)])
+    self.hidden = nnx.Linear(base * base * widths[-1], cfg.hidden, rngs=rngs)
+    self.out = nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, rngs=rngs)
+
+  def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    h = x_BHWC
+    for conv in self.convs:
+      h = nnx.gelu(conv(h))
+    h = nnx.gelu(self.hidden(h.reshape(h.shape[0], -1)))
+    mean, logvar = jnp.split(self.out(h), 2, axis=-1)
+    return mean, logvar
+
+
+class ConvDecoder(nnx.Module):
+  def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.base, k = upsampling_plan(cfg.image_size)
+    widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [
+        cfg.channels * cfg.outputs_per_pixel]
+    self.hidden = nnx.Linear(cfg.latent_dim, cfg.hidden, rngs=rngs)
+    self.project = nnx.Linear(cfg.hidden, self.base * self.base * widths[0], rngs=rngs)
+    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], rngs=rngs) for i in range(k)])
+
+  def __call__(self, z_BZ: jax.Array):
+    B = z_BZ.shape[0]
+    h = nnx.gelu(self.hidden(z_BZ))
+    h = self.project(h).reshape(B, self.base, self.base, -1)
+    for up in self.ups:
+      h = up(nnx.gelu(h))
+    return _split_output(self.cfg, h)
+
+
+class MLPEncoder(nnx.Module):
+  def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    H, W, C = cfg.image_shape
+    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.hidden, rngs=rngs),
+                            nnx.Linear(cfg.hidden, cfg.hidden, rngs=rngs),
+                            nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, rngs=rngs)])
+
+  def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    h = x_BHWC.reshape(x_BHWC.shape[0], -1)
+    h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](h))))
+    mean, logvar = jnp.split(self.layers[2](h), 2, axis=-1)
+    return mean, logvar
+
+
+class MLPDecoder(nnx.Module):
+  def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    H, W, C = cfg.image_shape
+    self.layers = nnx.List([nnx.Linear(cfg.latent_dim, cfg.hidden, rngs=rngs),
+                            nnx.Linear(cfg.hidden, cfg.hidden, rngs=rngs),
+                            nnx.Linear(cfg.hidden, H * W * C * cfg.outputs_per_pixel,
+                                       rngs=rngs)])
+
+  def __call__(self, z_BZ: jax.Array):
+    h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](z_BZ))))
+    out = self.layers[2](h).reshape(z_BZ.shape[0], self.cfg.image_size, self.cfg.image_size,
+                                    -1)
+    return _split_output(self.cfg, out)
+
+
+class VAE(nnx.Module):
+  """encode(x) -> (mean, logvar); decode(z) -> the likelihood's parameters."""
+
+  def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    conv = cfg.arch == "conv"
+    self.encoder = (ConvEncoder if conv else MLPEncoder)(cfg, rngs=rngs)
+    self.decoder = (ConvDecoder if conv else MLPDecoder)(cfg, rngs=rngs)
+
+  def encode(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.encoder(x_BHWC)
+
+  def decode(self, z_BZ: jax.Array):
+    return self.decoder(z_BZ)

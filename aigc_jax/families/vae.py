@@ -262,8 +262,9 @@ class Family:
     pairs = np.stack([inputs, recon], 1).reshape(-1, *recon.shape[1:])
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
     samples = self._to_u8(decode(state.params, z))
-    ends = encode(state.params, x[:16])
-    a, b = ends[:8], ends[8:16]
+    n_paths = min(8, len(x) // 2)  # interpolate between test images i and i + n_paths
+    ends = encode(state.params, x[:2 * n_paths])
+    a, b = ends[:n_paths], ends[n_paths:]
     t = jnp.linspace(0, 1, 10)[None, :, None]
     path = (a[:, None] * (1 - t) + b[:, None] * t).reshape(-1, self.vae_cfg.latent_dim)
     interpolation = self._to_u8(decode(state.params, path))

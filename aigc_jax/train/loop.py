@@ -100,7 +100,7 @@ class Run:
     for batch in self.family.eval_batches():
       sums = self._eval_step(self.state, mesh_lib.put_batch(batch, self.mesh))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = {k: np.asarray(v) for k, v in jax.device_get(totals).items()}
+    totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
     metrics = {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
     return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()}
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import time
 
 import jax
 import numpy as np
 
 from aigc_jax.families.gan import Family, default_config
-from aigc_jax.train import mesh as mesh_lib
-from benchmarks.lm_step import timed
+from benchmarks.lm_step import measure_step
 
 
 def bench_dcgan(size: int, channels: int, width: int, z_dim: int, batch: int,
@@ -31,38 +28,12 @@ def bench_dcgan(size: int, channels: int, width: int, z_dim: int, batch: int,
   c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim, depth=depth)
   c.train.update(batch_size=batch)
   family = Family(c, None)
-  mesh = mesh_lib.make_mesh(-1)
-  rep = mesh_lib.replicated(mesh)
-  state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
-  batch_arrays = mesh_lib.put_batch({"images": images.astype(np.float32),
-                                     "labels": np.zeros(batch, np.int32)}, mesh)
-  shardings = jax.tree.map(lambda _: rep, state)
-  jitted = jax.jit(family.train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(shardings, rep), donate_argnums=0)
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, batch_arrays)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch_arrays)
-    return metrics["g_loss"]
-
-  median, best, spread = timed(one_step, steps)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = compiled.memory_analysis()
+  m = measure_step(family, {"images": images.astype(np.float32),
+                            "labels": np.zeros(batch, np.int32)}, "g_loss", steps)
   return {"size": size, "channels": channels, "width": width, "depth": depth, "z_dim": z_dim,
-          "batch": batch,
-          "lower_s": t1 - t0, "compile_s": t2 - t1, "step_median_s": median,
-          "step_min_s": best, "step_std_s": spread, "steps_per_s": 1 / median,
-          "images_per_s": batch / median,
-          "xla_flops_per_step": float((cost or {}).get("flops", -1)),
-          "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-          "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+          "batch": batch, **m, "steps_per_s": 1 / m["step_median_s"],
+          "images_per_s": batch / m["step_median_s"]}
 
 
 def main(argv=None) -> dict:

@@ -60,6 +60,41 @@ def peak_flops() -> tuple[float, str]:
   return best, "measured float32 matmul"
 
 
+def measure_step(family, host_batch, metric: str, steps: int) -> dict:
+  """Compiles `family.train_step` as the training loop does (replicated state, donated,
+  batch sharded over all devices) and times it: lowering and compile seconds, median /
+  min / spread of `steps` synchronised steps, XLA's FLOPs, and memory."""
+  mesh = mesh_lib.make_mesh(-1)
+  rep = mesh_lib.replicated(mesh)
+  state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
+  batch = mesh_lib.put_batch(host_batch, mesh)
+  shardings = jax.tree.map(lambda _: rep, state)
+  jitted = jax.jit(family.train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, rep), donate_argnums=0)
+  t0 = time.perf_counter()
+  lowered = jitted.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics[metric]
+
+  median, best, spread = timed(one_step, steps)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"lower_s": t1 - t0, "compile_s": t2 - t1, "step_median_s": median,
+          "step_min_s": best, "step_std_s": spread,
+          "xla_flops_per_step": float((cost or {}).get("flops", -1)),
+          "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+          "peak_device_bytes": stats.get("peak_bytes_in_use"),
+          "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
 def bench_shape(name: str, steps: int, dtype: str) -> dict:
   layers, heads, width, mlp, context, batch = SHAPES[name]
   c = default_config()
@@ -68,41 +103,15 @@ def bench_shape(name: str, steps: int, dtype: str) -> dict:
   c.data.update(seq_len=context, limit_files=60)
   c.train.update(batch_size=batch)
   family = Family(c, None)
-  mesh = mesh_lib.make_mesh(-1)
-  rep = mesh_lib.replicated(mesh)
-  state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
-  batch_arrays = mesh_lib.put_batch(next(family.train_data), mesh)
-  shardings = jax.tree.map(lambda _: rep, state)
-  jitted = jax.jit(family.train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(shardings, rep), donate_argnums=0)
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, batch_arrays)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch_arrays)
-    return metrics["loss"]
-
-  median, best, spread = timed(one_step, steps)
+  batch_arrays = next(family.train_data)
+  m = measure_step(family, batch_arrays, "loss", steps)
   tokens = batch * context
   flops = family.model_cfg.flops_per_token(context) * tokens
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = compiled.memory_analysis()
-  stats = jax.devices()[0].memory_stats() or {}
   return {
       "shape": name, "layers": layers, "heads": heads, "width": width, "context": context,
-      "batch": batch, "dtype": dtype, "params": family.model_cfg.num_params(),
-      "lower_s": t1 - t0, "compile_s": t2 - t1, "step_median_s": median, "step_min_s": best,
-      "step_std_s": spread, "tokens_per_s": tokens / median,
-      "model_flops_per_step": flops, "xla_flops_per_step": float((cost or {}).get("flops", -1)),
-      "achieved_flops_per_s": flops / median,
-      "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
-      "peak_device_bytes": stats.get("peak_bytes_in_use"),
-      "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "batch": batch, "dtype": dtype, "params": family.model_cfg.num_params(), **m,
+      "tokens_per_s": tokens / m["step_median_s"], "model_flops_per_step": flops,
+      "achieved_flops_per_s": flops / m["step_median_s"],
   }
 
 

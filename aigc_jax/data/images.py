@@ -236,7 +236,7 @@ def check_images(images: np.ndarray, shape: tuple[int, int, int], what: str = "i
   """Shape [N, H, W, C] == shape and values in [-1, 1], or one clear error."""
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
     raise UserError(f"{what} must have shape [N, {', '.join(map(str, shape))}] (N, H, W, C), "
-                    f"got {images.shape}: check data.image_size / data.channels")
+                    f"got {images.shape}: check model.image_size / model.channels")
   lo, hi = float(images.min()), float(images.max())
   if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
     raise UserError(f"{what} must be scaled to [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")

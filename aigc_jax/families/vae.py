@@ -69,16 +69,11 @@ def validate(c) -> None:
 def check_targets(images: np.ndarray, likelihood: str, image_shape) -> None:
   """Images for a likelihood: [N, H, W, C] of image_shape, in {0, 1} (bernoulli) or
   [-1, 1] (logistic, gaussian); else one clear error."""
-  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
-    raise UserError(f"images must have shape [N, {', '.join(map(str, image_shape))}], got "
-                    f"{images.shape}: check model.image_size / model.channels")
-  lo, hi = float(images.min()), float(images.max())
+  image_data.check_images(images, tuple(image_shape))  # the shape, and values in [-1, 1]
   if likelihood == "bernoulli" and not np.isin(images, (0.0, 1.0)).all():
+    lo, hi = float(images.min()), float(images.max())
     raise UserError(f"the bernoulli likelihood needs binary images in {{0, 1}}, got values in "
                     f"[{lo:.3g}, {hi:.3g}]: binarize them, or use model.likelihood='logistic'")
-  if likelihood != "bernoulli" and (lo < -1 - 1e-6 or hi > 1 + 1e-6):
-    raise UserError(f"the {likelihood} likelihood needs images scaled to [-1, 1], got values "
-                    f"in [{lo:.3g}, {hi:.3g}]")
 
 
 class Family:

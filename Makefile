@@ -78,7 +78,7 @@ test-8dev: setup data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m benchmarks.lm_step
+	$(BIN)/python -m benchmarks.run --preset cpu
 
 lint: setup
 	$(BIN)/ruff check aigc_jax benchmarks tests configs

@@ -16,6 +16,7 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
+from aigc_jax.nn.dense import dense, dense_dot_general
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
@@ -139,7 +140,8 @@ class Transformer(nnx.Module):
     self.embed_dropout = nnx.Dropout(cfg.dropout)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False,
-                                dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32, rngs=rngs)
+                                dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32,
+                                dot_general=dense_dot_general, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
                cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
@@ -180,7 +182,7 @@ class Transformer(nnx.Module):
         new_cache.append(layer_cache)
     h_BTD = self.final_norm(x_BTD).astype(dtype)
     if cfg.tie_embeddings:
-      logits_BTV = self.embed.attend(h_BTD)
+      logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
     else:
       logits_BTV = self.lm_head(h_BTD)
     logits_BTV = logits_BTV.astype(jnp.float32)

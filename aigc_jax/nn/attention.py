@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from aigc_jax.nn.dense import dense_dot_general
 from aigc_jax.nn.rope import apply_rope
 
 
@@ -81,7 +82,8 @@ class Attention(nnx.Module):
     self.rope_base = rope_base
     self.implementation = implementation
     linear = lambda i, o: nnx.Linear(
-        i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        dot_general=dense_dot_general, rngs=rngs)
     self.q_proj = linear(embed_dim, num_heads * head_dim)
     self.k_proj = linear(embed_dim, num_kv_heads * head_dim)
     self.v_proj = linear(embed_dim, num_kv_heads * head_dim)

@@ -1,0 +1,132 @@
+"""What every step benchmark shares: synchronised timing, the peak FLOP/s an MFU is taken
+against, and compiling + timing a family's `train_step` exactly as the training loop runs
+it (replicated state, donated, batch sharded over every device)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aigc_jax.train import mesh as mesh_lib
+from benchmarks.flops import count_matmul_flops
+
+# Dense bfloat16 datasheet peaks per chip, TFLOP/s; matched against device_kind.
+DATASHEET_PEAK_TFLOPS = {"h100": 989, "h200": 989, "a100": 312, "v4": 275, "v5e": 197,
+                         "v5 lite": 197, "v5p": 459, "v6e": 918, "v6 lite": 918}
+
+
+def device_description() -> str:
+  cpu = platform.processor() or platform.machine()
+  return f"{jax.devices()[0].device_kind} x{jax.device_count()} ({cpu})"
+
+
+def timed(fn, steps: int, warmup: int = 3) -> tuple[float, float, float]:
+  """(median, min, standard deviation) seconds of `steps` calls of fn, each synchronised
+  with block_until_ready, after `warmup` untimed calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), float(np.min(times)), float(np.std(times))
+
+
+def datasheet_peak_flops() -> float | None:
+  """FLOP/s of all devices from the datasheet table, or None for an unknown device."""
+  kind = jax.devices()[0].device_kind.lower()
+  for key, tflops in DATASHEET_PEAK_TFLOPS.items():
+    if key in kind:
+      return tflops * 1e12 * jax.device_count()
+  return None
+
+
+@functools.cache
+def measured_matmul_flops(dtype: str = "float32") -> float:
+  """The best FLOP/s of square matmuls (512-2048) on the default device, measured now."""
+  best = 0.0
+  matmul = jax.jit(lambda x: x @ x)
+  for n in (512, 1024, 2048):
+    a = jnp.ones((n, n), dtype)
+    _, t_min, _ = timed(functools.partial(matmul, a), 10)
+    best = max(best, 2 * n ** 3 / t_min)
+  return best
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """The datasheet peak for a known accelerator, else this run's best measured matmul."""
+  peak = datasheet_peak_flops()
+  if peak is not None:
+    return peak, f"datasheet ({jax.devices()[0].device_kind})"
+  return measured_matmul_flops(dtype), f"measured {dtype} matmul"
+
+
+def _first(analysis):
+  return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+
+
+def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -> dict:
+  """Compiles `family.train_step` as the training loop does and times it: lowering and
+  compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
+  matmul + convolution FLOPs of the step's jaxpr, XLA's FLOPs, and memory."""
+  mesh = mesh_lib.make_mesh(-1)
+  rep = mesh_lib.replicated(mesh)
+  state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  batch = mesh_lib.put_batch(host_batch, mesh)
+  jaxpr_flops = count_matmul_flops(family.train_step, state, batch)
+  shardings = jax.tree.map(lambda _: rep, state)
+  jitted = jax.jit(family.train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, rep), donate_argnums=0)
+  t0 = time.perf_counter()
+  lowered = jitted.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics[metric]
+
+  loss = float(one_step())
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"the benchmarked step's {metric} is {loss}")
+  median, best, spread = timed(one_step, steps, warmup)
+  cost = _first(compiled.cost_analysis()) or {}
+  memory = compiled.memory_analysis()
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"params": params, "lower_s": t1 - t0, "compile_s": t2 - t1,
+          "step_median_s": median, "step_min_s": best, "step_std_s": spread,
+          "jaxpr_flops_per_step": jaxpr_flops,
+          "xla_flops_per_step": float(cost.get("flops", -1)),
+          "compiled_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+          "compiled_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+          "peak_device_bytes": stats.get("peak_bytes_in_use"),
+          "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def step_row(family: str, case: str, shape: str, dtype: str, batch: int, measured: dict,
+             model_flops: float, torch_fn=None) -> dict:
+  """One result row: the measurements, examples/s, model FLOPs (and FLOP/s), and the eager
+  PyTorch step beside it when torch_fn is given and torch is installed."""
+  row = {"family": family, "case": case, "shape": shape, "dtype": dtype, "batch": batch,
+         **measured, "examples_per_s": batch / measured["step_median_s"],
+         "model_flops_per_step": float(model_flops),
+         "achieved_flops_per_s": model_flops / measured["step_median_s"]}
+  if torch_fn is not None:
+    try:
+      t = torch_fn()
+    except ImportError:  # torch is optional (the `bench` extra)
+      t = None
+    if t is not None:
+      row.update(torch_step_median_s=t["median_s"], torch_version=t["torch"],
+                 speedup_vs_torch=t["median_s"] / row["step_median_s"])
+  return row

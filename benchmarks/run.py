@@ -1,0 +1,160 @@
+"""The benchmark suite: each family's compiled train step at the sizes of a preset.
+
+  python -m benchmarks.run [--families lm,gan,vae] [--preset tiny|cpu|gpu]
+                           [--dtype float32|bfloat16] [--steps N] [--torch auto|on|off]
+                           [--out benchmarks/results/PRESET-BACKEND.json]
+
+For every case: lowering and compile seconds; the median, min and spread of N timed steps
+(after warm-up, each synchronised with block_until_ready); examples/s (tokens/s for the
+LM); model FLOPs per step (the LM's closed formula in MaxText's convention, the jaxpr's
+matmul + convolution FLOPs for the GAN and VAE) beside XLA's cost_analysis(); MFU against
+the datasheet peak of a known accelerator or, on CPU, the best float32 matmul measured in
+the same run; the compiled step's memory, the device's peak and the process RSS; and, on
+CPU, the same model's eager PyTorch step when torch is installed. Writes the JSON, a
+Markdown table (.md) and a throughput plot (.png) side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+
+from benchmarks import gan_step, lm_step, vae_step
+from benchmarks.common import device_description, peak_flops
+
+BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step}
+# preset: (default dtype, {family: [(case, timed steps)]})
+PRESETS = {
+    "tiny": ("float32", {"lm": [("tiny", 2)], "gan": [("tiny", 2)], "vae": [("tiny", 2)]}),
+    "cpu": ("float32", {"lm": [("nanogpt", 40), ("w384", 5)], "gan": [("28px", 20)],
+                        "vae": [("28px", 20)]}),
+    "gpu": ("bfloat16", {"lm": [("gpt2_124m", 20), ("gpt_350m", 10)], "gan": [("64px", 20)],
+                         "vae": [("32px", 20)]}),
+}
+
+
+def run(families: list[str], preset: str, dtype: str | None = None, steps: int = 0,
+        torch: bool = False, command: str = "") -> dict:
+  """Every case of `preset` for `families`; returns {"meta": ..., "rows": [...]}."""
+  default_dtype, cases = PRESETS[preset]
+  dtype = dtype or default_dtype
+  peak, peak_source = peak_flops("float32" if jax.default_backend() == "cpu" else dtype)
+  rows = []
+  for family in families:
+    for case, case_steps in cases.get(family, []):
+      print(f"[benchmarks] {family} {case} ...", file=sys.stderr, flush=True)
+      row = BENCHES[family].bench(case, steps or case_steps, dtype, torch)
+      row["mfu"] = row["achieved_flops_per_s"] / peak
+      rows.append(row)
+  meta = {"device": device_description(), "backend": jax.default_backend(),
+          "jax": jax.__version__, "preset": preset, "dtype": dtype,
+          "peak_flops_per_s": peak, "peak_source": peak_source,
+          "date": datetime.date.today().isoformat(), "command": command}
+  return {"meta": meta, "rows": rows}
+
+
+def _ms(seconds) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:,.1f}"
+
+
+def _mib(n) -> str:
+  return "-" if not n else f"{n / 2 ** 20:,.0f}"
+
+
+def markdown(results: dict) -> str:
+  m = results["meta"]
+  lines = [f"### Train step, {m['device']}, JAX {m['jax']}, preset `{m['preset']}`",
+           "",
+           "| family | case | shape | batch | dtype | params | compile s | step ms (median / "
+           "min ± std) | examples/s | tokens/s | model GFLOP | XLA GFLOP | GFLOP/s | MFU "
+           "| temp MiB | peak RSS MiB | PyTorch ms | speed-up |",
+           "|---" * 18 + "|"]
+  for r in results["rows"]:
+    tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
+    speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
+    lines.append(
+        f"| {r['family']} | {r['case']} | {r['shape']} | {r['batch']} | {r['dtype']} | "
+        f"{r['params'] / 1e6:.2f}M | {r['compile_s']:.1f} | {_ms(r['step_median_s'])} / "
+        f"{_ms(r['step_min_s'])} ± {_ms(r['step_std_s'])} | {r['examples_per_s']:,.1f} | "
+        f"{tokens} | {r['model_flops_per_step'] / 1e9:.3g} | "
+        f"{r['xla_flops_per_step'] / 1e9:.3g} | {r['achieved_flops_per_s'] / 1e9:,.1f} | "
+        f"{r['mfu']:.1%} | {_mib(r['compiled_temp_bytes'])} | "
+        f"{_mib(r['process_max_rss_bytes'])} | {_ms(r.get('torch_step_median_s'))} | "
+        f"{speedup} |")
+  lines += ["", f"MFU against {m['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({m['peak_source']}). "
+            f"Reproduce: `{m['command']}`."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+  """Examples/s of every case (ours and, where measured, eager PyTorch's), log scale."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = results["rows"]
+  labels = [f"{r['family']} {r['case']}" for r in rows]
+  ours = [r["examples_per_s"] for r in rows]
+  torch = [r["batch"] / r["torch_step_median_s"] if "torch_step_median_s" in r else 0
+           for r in rows]
+  fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
+  y = range(len(rows))
+  ax.barh([i + 0.2 for i in y], ours, height=0.4, label="aigc_jax (jit)")
+  if any(torch):
+    ax.barh([i - 0.2 for i in y], torch, height=0.4, label="PyTorch (eager)")
+  ax.set_yticks(list(y), labels)
+  ax.set_xscale("log")
+  ax.set_xlabel("examples / s")
+  ax.set_title(f"{results['meta']['device']} ({results['meta']['preset']})", fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def write(results: dict, out: str) -> list[str]:
+  """out.json, out.md and out.png; returns their paths."""
+  stem = os.path.splitext(out)[0]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  paths = [stem + ".json", stem + ".md", stem + ".png"]
+  with open(paths[0], "w") as f:
+    json.dump(results, f, indent=2)
+  with open(paths[1], "w") as f:
+    f.write(markdown(results))
+  plot(results, paths[2])
+  return paths
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--families", default="lm,gan,vae")
+  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                 help="the LM's compute dtype (default: the preset's)")
+  p.add_argument("--steps", type=int, default=0, help="timed steps per case (0: preset's)")
+  p.add_argument("--torch", default="auto", choices=["auto", "on", "off"],
+                 help="time eager PyTorch beside each case (auto: on CPU only)")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  families = [f.strip() for f in a.families.split(",") if f.strip()]
+  unknown = sorted(set(families) - set(BENCHES))
+  if unknown:
+    p.error(f"unknown families {unknown}; choose from {sorted(BENCHES)}")
+  torch = a.torch == "on" or (a.torch == "auto" and jax.default_backend() == "cpu")
+  argv = sys.argv[1:] if argv is None else argv
+  results = run(families, a.preset, a.dtype, a.steps, torch,
+                " ".join(["python -m benchmarks.run", *argv]))
+  out = a.out or os.path.join("benchmarks", "results",
+                              f"{a.preset}-{jax.default_backend()}.json")
+  print(markdown(results))
+  print("wrote", ", ".join(write(results, out)))
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -4,8 +4,9 @@ y[..., F] = x[..., D] @ w[D, F]. JAX's own transpose rule gives the weight gradi
 `dot_general` followed by a `transpose`; XLA:CPU folds the transpose into the operands and
 then materialises a transposed copy of the [tokens, F] activation gradient for every
 layer (XLA's loop emitter writes such copies slowly: ~80 ms for 4096 x 1024 floats on 2
-cores). Written directly as dW = x2d^T @ dy2d, the dot needs no copy: the LM step at width
-384 drops from ~4.0 s to ~2.6 s per step on 2 cores, with bit-identical gradients.
+cores). Written directly as dW = x2d^T @ dy2d, the dot needs no copy: a SwiGLU block's
+forward + backward at [16, 256, 384] -> 1024 takes 200 ms instead of 310-360 ms, and the
+whole LM step at width 384 ~3.5 s instead of ~4.1 s on 2 cores, with equal gradients.
 """
 
 from __future__ import annotations
@@ -49,3 +50,4 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
     return dense(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type, **kwargs)
+

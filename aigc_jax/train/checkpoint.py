@@ -1,14 +1,42 @@
 """Orbax checkpoints of a run: the train state, the data iterator's position and the
-config, saved asynchronously; the last `keep` are kept; resume restores the newest."""
+config, saved asynchronously; the last `keep` are kept; resume restores the newest.
+
+Every save also records a CRC-32 of each state array, of the iterator state and of the
+config; restore verifies them, because Orbax restores a data file with flipped bytes
+without any error. A checkpoint that fails to restore or to verify is reported on stderr
+(its step and the reason) and the next older one is tried; one whose checksums do not
+match is moved aside to `STEP.damaged` (kept for inspection, out of the way of the step
+that will be saved again).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import zlib
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from aigc_jax.errors import UserError
+
+
+def checksums(state, data_state: dict, config: dict | None = None) -> dict[str, int]:
+  """{path: CRC-32} of every array of `state` (fetched to the host), and of the JSON of
+  `data_state` and `config`."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+  sums = {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes())
+          for path, leaf in leaves}
+  sums["<data>"] = zlib.crc32(json.dumps(data_state, sort_keys=True).encode())
+  if config is not None:
+    sums["<config>"] = zlib.crc32(json.dumps(config, sort_keys=True).encode())
+  return sums
+
+
+class ChecksumMismatch(ValueError):
+  """The arrays restored from a checkpoint are not the ones that were saved."""
 
 
 class Checkpointer:
@@ -17,7 +45,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "config"))
+        self.directory, options=options,
+        item_names=("state", "data", "config", "checksums"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -30,18 +59,54 @@ class Checkpointer:
     `state` may be donated to the next step right away)."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+        config=ocp.args.JsonSave(config),
+        checksums=ocp.args.JsonSave(checksums(state, data_state, config))), force=True)
 
   def restore(self, target_state, step: int | None = None):
     """(state, data_state, step) with `target_state`'s structure, shapes and shardings
-    (concrete arrays or `jax.ShapeDtypeStruct`s)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    (concrete arrays or `jax.ShapeDtypeStruct`s): the given step, or the newest checkpoint
+    that restores and verifies (older ones are tried in turn)."""
+    steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
       raise UserError(f"no checkpoint in {self.directory}: train first (aigc-jax train ...)")
     abstract = jax.tree.map(_abstract, target_state)
+    failures = []
+    for candidate in steps:
+      try:
+        state, data_state = self._restore_verified(candidate, abstract)
+      except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        failures.append(f"step {candidate}: {reason}")
+        if isinstance(e, ChecksumMismatch):
+          os.replace(os.path.join(self.directory, str(candidate)),
+                     os.path.join(self.directory, f"{candidate}.damaged"))
+          self._manager.reload()
+          reason += f"; moved to {candidate}.damaged"
+        print(f"warning: checkpoint at step {candidate} in {self.directory} is unusable "
+              f"({reason}); trying an older one", file=sys.stderr)
+        continue
+      return state, data_state, candidate
+    raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
+                    + ". Delete the damaged step folders to start over, or restore them")
+
+  def _restore_verified(self, step: int, abstract):
+    if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+      print(f"warning: checkpoint at step {step} in {self.directory} has no checksums "
+            "(written by an older aigc_jax): restoring it unverified", file=sys.stderr)
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      return restored.state, restored.data
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data, step
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        checksums=ocp.args.JsonRestore()))
+    expected = {k: v for k, v in restored.checksums.items() if k != "<config>"}
+    actual = checksums(restored.state, restored.data)
+    bad = sorted(k for k in expected.keys() | actual.keys()
+                 if expected.get(k) != actual.get(k))
+    if bad:
+      raise ChecksumMismatch(f"checksum mismatch in {', '.join(bad[:3])}"
+                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    return restored.state, restored.data
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -23,7 +23,8 @@ CASES = {
 def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
   size, channels, width, z_dim, depth, batch = CASES[case]
   c = default_config()
-  c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim, depth=depth)
+  c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim, depth=depth,
+                 dtype=dtype)
   c.train.update(batch_size=batch)
   family = Family(c, None)
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
@@ -35,4 +36,4 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) ->
     torch_fn = functools.partial(time_step, size, channels, z_dim, width, batch, steps,
                                  depth=depth)
   return step_row("gan", case, f"{size}x{size}x{channels} width {width} depth {depth}",
-                  "float32", batch, measured, measured["jaxpr_flops_per_step"], torch_fn)
+                  dtype, batch, measured, measured["jaxpr_flops_per_step"], torch_fn)

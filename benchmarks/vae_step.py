@@ -23,7 +23,7 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) ->
   size, channels, latent, width, hidden, batch = CASES[case]
   c = default_config()
   c.model.update(image_size=size, channels=channels, latent_dim=latent, width=width,
-                 hidden=hidden)
+                 hidden=hidden, dtype=dtype)
   c.train.update(batch_size=batch)
   family = Family(c, None)
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
@@ -34,4 +34,4 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) ->
     torch_fn = functools.partial(time_step, size, channels, latent, width, hidden, batch,
                                  steps)
   return step_row("vae", case, f"{size}x{size}x{channels} latent {latent} width {width}",
-                  "float32", batch, measured, measured["jaxpr_flops_per_step"], torch_fn)
+                  dtype, batch, measured, measured["jaxpr_flops_per_step"], torch_fn)

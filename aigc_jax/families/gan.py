@@ -27,7 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.family = "gan"
   c.seed = 0
   c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64, depth=0,
-                 g_norm="batch", d_norm="none")
+                 g_norm="batch", d_norm="none",
+                 dtype="float32")  # compute dtype: float32 | bfloat16 | float16
   c.data = image_data.image_data_config()
   c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan
                 n_critic=1, gp_weight=0.0, r1_gamma=0.0, label_smoothing=0.0,

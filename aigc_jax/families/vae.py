@@ -34,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.family = "vae"
   c.seed = 0
   c.model = dict(arch="conv", image_size=28, channels=1, latent_dim=20, width=32, hidden=512,
-                 likelihood="bernoulli")  # bernoulli (binarized) | logistic | gaussian (8-bit)
+                 likelihood="bernoulli",  # bernoulli (binarized) | logistic | gaussian (8-bit)
+                 dtype="float32")  # compute dtype: float32 | bfloat16 | float16
   c.data = image_data.image_data_config()
   c.data.binarize = "dynamic"  # bernoulli only: dynamic (a fresh draw each step) | threshold
   c.loss = dict(beta=1.0, kl_warmup_steps=0, free_bits=0.0)

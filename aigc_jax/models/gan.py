@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
 from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("dcgan", "mlp")
@@ -30,6 +31,7 @@ class GanConfig:
   depth: int = 0  # DCGAN: extra stride-1 3x3 conv blocks at each resolution of G and D
   g_norm: str = "batch"
   d_norm: str = "none"
+  dtype: str = "float32"  # compute dtype; parameters, losses and outputs stay float32
 
   def __post_init__(self):
     for field, value, choices in (("arch", self.arch, ARCHITECTURES),
@@ -40,6 +42,9 @@ class GanConfig:
     for field in ("image_size", "channels", "z_dim", "width"):
       if getattr(self, field) < 1:
         raise UserError(f"config 'model.{field}' must be positive, got {getattr(self, field)}")
+    if self.dtype not in DTYPES:
+      raise UserError(f"config 'model.dtype' must be one of {sorted(DTYPES)}, got "
+                      f"{self.dtype!r}")
     if self.depth < 0:
       raise UserError(f"config 'model.depth' must be >= 0, got {self.depth}")
     if self.arch == "dcgan":
@@ -48,6 +53,10 @@ class GanConfig:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, self.channels)
+
+  @property
+  def compute_dtype(self):
+    return layer_dtype(self.dtype)
 
 
 def upsampling_plan(image_size: int) -> tuple[int, int]:
@@ -68,9 +77,10 @@ class SpectralNormConv(nnx.Module):
   one power iteration per training call with a persistent vector u (Miyato et al.)."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               kernel: int = 4, stride: int = 2):
+               kernel: int = 4, stride: int = 2, dtype=None):
+    self.dtype = dtype
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                         padding="SAME", rngs=rngs)
+                         padding="SAME", dtype=dtype, rngs=rngs)
     self.stride = stride
     self.u = nnx.BatchStat(jax.random.normal(rngs.params(), (out_features,)))
 
@@ -82,10 +92,12 @@ class SpectralNormConv(nnx.Module):
     u_O = jax.lax.stop_gradient(normalize(w_MO.T @ v_M))
     if update_stats:
       self.u[...] = u_O
-    sigma = v_M @ w_MO @ u_O
-    y = jax.lax.conv_general_dilated(x_BHWC, w_HWIO / sigma, (self.stride,) * 2, "SAME",
+    sigma = v_M @ w_MO @ u_O  # float32, as the parameters
+    dtype = self.dtype or x_BHWC.dtype
+    y = jax.lax.conv_general_dilated(x_BHWC.astype(dtype), (w_HWIO / sigma).astype(dtype),
+                                     (self.stride,) * 2, "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.conv.bias[...][None, None, None, :]
+    return y + self.conv.bias[...].astype(dtype)[None, None, None, :]
 
 
 class DCGANGenerator(nnx.Module):
@@ -93,17 +105,21 @@ class DCGANGenerator(nnx.Module):
   2x up-convolution] -> tanh."""
 
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     self.cfg = cfg
     self.base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [cfg.channels]
-    self.project = nnx.Linear(cfg.z_dim, self.base * self.base * widths[0], rngs=rngs)
-    norm = (lambda w: nnx.BatchNorm(w, momentum=0.9, rngs=rngs)) if cfg.g_norm == "batch" \
-        else (lambda w: None)
+    self.project = nnx.Linear(cfg.z_dim, self.base * self.base * widths[0], dtype=dtype,
+                              rngs=rngs)
+    batch_norm = lambda w: nnx.BatchNorm(w, momentum=0.9, dtype=dtype, rngs=rngs)
+    norm = batch_norm if cfg.g_norm == "batch" else (lambda w: None)
     self.norms = nnx.List([norm(w) for w in widths[:-1]])
     self.blocks = nnx.List([
-        nnx.List([nnx.List([nnx.Conv(widths[i], widths[i], (3, 3), rngs=rngs), norm(widths[i])])
+        nnx.List([nnx.List([nnx.Conv(widths[i], widths[i], (3, 3), dtype=dtype, rngs=rngs),
+                            norm(widths[i])])
                   for _ in range(cfg.depth)]) for i in range(k)])
-    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], rngs=rngs) for i in range(k)])
+    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
+                         for i in range(k)])
 
   def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
     B = z_BZ.shape[0]
@@ -114,7 +130,7 @@ class DCGANGenerator(nnx.Module):
       for conv, norm in self.blocks[i]:
         h = nnx.relu(normalize(norm, conv(h)))
       h = up(h)
-    return jnp.tanh(h)
+    return at_least_float32(jnp.tanh(h))
 
 
 class DCGANDiscriminator(nnx.Module):
@@ -122,27 +138,29 @@ class DCGANDiscriminator(nnx.Module):
   LeakyReLU)] -> linear."""
 
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     self.cfg = cfg
     base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.channels] + [cfg.width * 2 ** i for i in range(k)]
 
     def conv(c_in, c_out, kernel, stride):
       if cfg.d_norm == "spectral":
-        return SpectralNormConv(c_in, c_out, rngs=rngs, kernel=kernel, stride=stride)
-      return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding="SAME", rngs=rngs)
+        return SpectralNormConv(c_in, c_out, dtype=dtype, rngs=rngs, kernel=kernel, stride=stride)
+      return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding="SAME",
+                      dtype=dtype, rngs=rngs)
 
     # No normalisation after the first conv (DCGAN); layer norm suits WGAN-GP critics.
     def norm(c, first=False):
       if cfg.d_norm != "layer" or first:
         return None
-      return nnx.LayerNorm(c, reduction_axes=(1, 2, 3), feature_axes=-1, rngs=rngs)
+      return nnx.LayerNorm(c, reduction_axes=(1, 2, 3), feature_axes=-1, dtype=dtype, rngs=rngs)
 
     self.convs = nnx.List([conv(widths[i], widths[i + 1], 4, 2) for i in range(k)])
     self.norms = nnx.List([norm(widths[i + 1], first=i == 0) for i in range(k)])
     self.blocks = nnx.List([
         nnx.List([nnx.List([conv(widths[i + 1], widths[i + 1], 3, 1), norm(widths[i + 1])])
                   for _ in range(cfg.depth)]) for i in range(k)])
-    self.head = nnx.Linear(base * base * widths[-1], 1, rngs=rngs)
+    self.head = nnx.Linear(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
     def layer(conv, norm, h):
@@ -154,34 +172,37 @@ class DCGANDiscriminator(nnx.Module):
       h = layer(conv, norm, h)
       for block_conv, block_norm in self.blocks[i]:
         h = layer(block_conv, block_norm, h)
-    return self.head(h.reshape(h.shape[0], -1))[:, 0]
+    return at_least_float32(self.head(h.reshape(h.shape[0], -1))[:, 0])
 
 
 class MLPGenerator(nnx.Module):
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     self.cfg = cfg
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(cfg.z_dim, cfg.width, rngs=rngs),
-                            nnx.Linear(cfg.width, cfg.width, rngs=rngs),
-                            nnx.Linear(cfg.width, H * W * C, rngs=rngs)])
+    self.layers = nnx.List([nnx.Linear(cfg.z_dim, cfg.width, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.width, H * W * C, dtype=dtype, rngs=rngs)])
 
   def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
     h = nnx.relu(self.layers[0](z_BZ))
     h = nnx.relu(self.layers[1](h))
-    return jnp.tanh(self.layers[2](h)).reshape(z_BZ.shape[0], *self.cfg.image_shape)
+    out = at_least_float32(jnp.tanh(self.layers[2](h)))
+    return out.reshape(z_BZ.shape[0], *self.cfg.image_shape)
 
 
 class MLPDiscriminator(nnx.Module):
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, rngs=rngs),
-                            nnx.Linear(cfg.width, cfg.width, rngs=rngs),
-                            nnx.Linear(cfg.width, 1, rngs=rngs)])
+    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.width, 1, dtype=dtype, rngs=rngs)])
 
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
     h = nnx.leaky_relu(self.layers[0](images_BHWC.reshape(images_BHWC.shape[0], -1)), 0.2)
     h = nnx.leaky_relu(self.layers[1](h), 0.2)
-    return self.layers[2](h)[:, 0]
+    return at_least_float32(self.layers[2](h)[:, 0])
 
 
 def build_gan(cfg: GanConfig, rngs: nnx.Rngs) -> tuple[nnx.Module, nnx.Module]:

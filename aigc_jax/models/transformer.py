@@ -17,8 +17,8 @@ from flax import nnx
 from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
 from aigc_jax.nn.dense import dense, dense_dot_general
+from aigc_jax.nn.dtypes import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
 
 

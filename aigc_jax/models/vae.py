@@ -3,7 +3,8 @@ resolutions: 8, 28, 32, 64) and an MLP pair, with a diagonal-Gaussian posterior.
 
 Encoder: images [B, H, W, C] -> (mean [B, Z], logvar [B, Z]).
 Decoder: z [B, Z] -> Bernoulli logits [B, H, W, C], or (mean, log_scale) [B, H, W, C] each
-for the discretized logistic / Gaussian likelihoods of 8-bit images.
+for the discretized logistic / Gaussian likelihoods of 8-bit images. Layers compute in
+`dtype` (e.g. bfloat16 on accelerators); both return float32.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flax import nnx
 from aigc_jax.errors import UserError
 from aigc_jax.models.gan import upsampling_plan
 from aigc_jax.models.vae_losses import check_likelihood
+from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
 from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("conv", "mlp")
@@ -32,6 +34,7 @@ class VaeConfig:
   width: int = 32  # conv: channels of the first conv layer (doubling per 2x downsampling)
   hidden: int = 512  # the fully connected layer (conv) or both hidden layers (MLP)
   likelihood: str = "bernoulli"  # bernoulli | logistic | gaussian
+  dtype: str = "float32"  # compute dtype; parameters, likelihoods and outputs stay float32
 
   def __post_init__(self):
     if self.arch not in ARCHITECTURES:
@@ -40,6 +43,9 @@ class VaeConfig:
     for field in ("image_size", "channels", "width", "hidden"):
       if getattr(self, field) < 1:
         raise UserError(f"config 'model.{field}' must be positive, got {getattr(self, field)}")
+    if self.dtype not in DTYPES:
+      raise UserError(f"config 'model.dtype' must be one of {sorted(DTYPES)}, got "
+                      f"{self.dtype!r}")
     if self.latent_dim < 1:
       raise UserError(f"config 'model.latent_dim' must be at least 1, got {self.latent_dim}")
     if self.arch == "conv":
@@ -50,6 +56,10 @@ class VaeConfig:
     return (self.image_size, self.image_size, self.channels)
 
   @property
+  def compute_dtype(self):
+    return layer_dtype(self.dtype)
+
+  @property
   def outputs_per_pixel(self) -> int:
     return 1 if self.likelihood == "bernoulli" else 2
 
@@ -57,6 +67,7 @@ class VaeConfig:
 
 
 def _split_output(cfg: VaeConfig, out_BHWK: jax.Array):
+  out_BHWK = at_least_float32(out_BHWK)
   if cfg.likelihood == "bernoulli":
     return out_BHWK
   C = cfg.channels
@@ -67,31 +78,35 @@ def _split_output(cfg: VaeConfig, out_BHWK: jax.Array):
 
 class ConvEncoder(nnx.Module):
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.channels] + [cfg.width * 2 ** i for i in range(k)]
     self.convs = nnx.List([nnx.Conv(widths[i], widths[i + 1], (4, 4), strides=2,
-                                    padding="SAME", rngs=rngs) for i in range(k)])
-    self.hidden = nnx.Linear(base * base * widths[-1], cfg.hidden, rngs=rngs)
-    self.out = nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, rngs=rngs)
+                                    padding="SAME", dtype=dtype, rngs=rngs) for i in range(k)])
+    self.hidden = nnx.Linear(base * base * widths[-1], cfg.hidden, dtype=dtype, rngs=rngs)
+    self.out = nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = x_BHWC
     for conv in self.convs:
       h = nnx.gelu(conv(h))
     h = nnx.gelu(self.hidden(h.reshape(h.shape[0], -1)))
-    mean, logvar = jnp.split(self.out(h), 2, axis=-1)
+    mean, logvar = jnp.split(at_least_float32(self.out(h)), 2, axis=-1)
     return mean, logvar
 
 
 class ConvDecoder(nnx.Module):
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     self.cfg = cfg
     self.base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [
         cfg.channels * cfg.outputs_per_pixel]
-    self.hidden = nnx.Linear(cfg.latent_dim, cfg.hidden, rngs=rngs)
-    self.project = nnx.Linear(cfg.hidden, self.base * self.base * widths[0], rngs=rngs)
-    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], rngs=rngs) for i in range(k)])
+    self.hidden = nnx.Linear(cfg.latent_dim, cfg.hidden, dtype=dtype, rngs=rngs)
+    self.project = nnx.Linear(cfg.hidden, self.base * self.base * widths[0], dtype=dtype,
+                              rngs=rngs)
+    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
+                         for i in range(k)])
 
   def __call__(self, z_BZ: jax.Array):
     B = z_BZ.shape[0]
@@ -104,26 +119,28 @@ class ConvDecoder(nnx.Module):
 
 class MLPEncoder(nnx.Module):
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.hidden, rngs=rngs),
-                            nnx.Linear(cfg.hidden, cfg.hidden, rngs=rngs),
-                            nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, rngs=rngs)])
+    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.hidden, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.hidden, cfg.hidden, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, dtype=dtype, rngs=rngs)])
 
   def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = x_BHWC.reshape(x_BHWC.shape[0], -1)
     h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](h))))
-    mean, logvar = jnp.split(self.layers[2](h), 2, axis=-1)
+    mean, logvar = jnp.split(at_least_float32(self.layers[2](h)), 2, axis=-1)
     return mean, logvar
 
 
 class MLPDecoder(nnx.Module):
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
+    dtype = cfg.compute_dtype
     self.cfg = cfg
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(cfg.latent_dim, cfg.hidden, rngs=rngs),
-                            nnx.Linear(cfg.hidden, cfg.hidden, rngs=rngs),
+    self.layers = nnx.List([nnx.Linear(cfg.latent_dim, cfg.hidden, dtype=dtype, rngs=rngs),
+                            nnx.Linear(cfg.hidden, cfg.hidden, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.hidden, H * W * C * cfg.outputs_per_pixel,
-                                       rngs=rngs)])
+                                       dtype=dtype, rngs=rngs)])
 
   def __call__(self, z_BZ: jax.Array):
     h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](z_BZ))))

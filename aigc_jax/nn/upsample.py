@@ -76,12 +76,14 @@ class UpConv2x(nnx.Module):
   parameters ('kernel' [4, 4, in, out], 'bias' [out]) and initialisers, fast on CPU."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               impl: str = "auto"):
+               impl: str = "auto", dtype=None):
     init = nnx.initializers.lecun_normal()
+    self.dtype = dtype  # compute dtype (None: the input's)
     self.kernel = nnx.Param(init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
     self.impl = impl
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    y = conv_transpose_2x(x_BHWC, self.kernel[...], self.impl)
-    return y + self.bias[...][None, None, None, :]
+    dtype = self.dtype or x_BHWC.dtype
+    y = conv_transpose_2x(x_BHWC.astype(dtype), self.kernel[...].astype(dtype), self.impl)
+    return y + self.bias[...].astype(dtype)[None, None, None, :]

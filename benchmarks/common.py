@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from benchmarks.flops import count_matmul_flops
 
@@ -73,17 +74,20 @@ def _first(analysis):
 
 
 def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -> dict:
-  """Compiles `family.train_step` as the training loop does and times it: lowering and
+  """Compiles `family.train_step` as the training loop does (inside the non-finite guard,
+  replicated state, donated, batch sharded over all devices) and times it: lowering and
   compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
   matmul + convolution FLOPs of the step's jaxpr, XLA's FLOPs, and memory."""
   mesh = mesh_lib.make_mesh(-1)
   rep = mesh_lib.replicated(mesh)
-  state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
+  state = jax.jit(lambda rng: guard.init(family.init_state(rng)),
+                  out_shardings=rep)(jax.random.PRNGKey(0))
+  train_step = guard.guard_step(family.train_step)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   batch = mesh_lib.put_batch(host_batch, mesh)
-  jaxpr_flops = count_matmul_flops(family.train_step, state, batch)
+  jaxpr_flops = count_matmul_flops(train_step, state, batch)
   shardings = jax.tree.map(lambda _: rep, state)
-  jitted = jax.jit(family.train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+  jitted = jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, rep), donate_argnums=0)
   t0 = time.perf_counter()
   lowered = jitted.lower(state, batch)

@@ -18,6 +18,7 @@ from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
+from aigc_jax.train import guard
 from aigc_jax.train.state import TrainState
 
 
@@ -34,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
                 n_critic=1, gp_weight=0.0, r1_gamma=0.0, label_smoothing=0.0,
                 ema_decay=0.999)
   c.train = dict(steps=2000, batch_size=64, log_every=50, eval_every=500, eval_batches=8,
-                 checkpoint_every=500, keep_checkpoints=3)
+                 checkpoint_every=500, keep_checkpoints=3,
+                 **guard.DEFAULTS)
   c.optim = dict(g_lr=2e-4, d_lr=2e-4, b1=0.5, b2=0.999)
   c.sample = dict(num=64)  # images in each sample grid
   # fid_classifier at every evaluation: `samples` generated images (0: off) against the

@@ -26,6 +26,7 @@ from aigc_jax.models.transformer import (
   Transformer,
   TransformerConfig,
 )
+from aigc_jax.train import guard
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
@@ -55,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
       bpe_vocab_size=4096,
       tfds_name="", tfds_split="train", tfds_text_key="text", tfds_data_dir="")
   c.train = dict(steps=1000, batch_size=12, grad_accum_steps=1, log_every=50,
-                 eval_every=500, eval_batches=16, checkpoint_every=500, keep_checkpoints=3)
+                 eval_every=500, eval_batches=16, checkpoint_every=500, keep_checkpoints=3,
+                 **guard.DEFAULTS)
   c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1, b1=0.9,
                  b2=0.95, eps=1e-8, grad_clip=1.0)
   # Samples written at each evaluation (num=0: none), and the CLI's sampling defaults.

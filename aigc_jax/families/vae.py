@@ -20,6 +20,7 @@ from aigc_jax.data import images as image_data
 from aigc_jax.errors import UserError
 from aigc_jax.models import vae_losses
 from aigc_jax.models.vae import VAE, VaeConfig
+from aigc_jax.train import guard
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
@@ -40,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.binarize = "dynamic"  # bernoulli only: dynamic (a fresh draw each step) | threshold
   c.loss = dict(beta=1.0, kl_warmup_steps=0, free_bits=0.0)
   c.train = dict(steps=3000, batch_size=128, log_every=100, eval_every=1000, eval_batches=8,
-                 checkpoint_every=1000, keep_checkpoints=3)
+                 checkpoint_every=1000, keep_checkpoints=3,
+                 **guard.DEFAULTS)
   c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.0, b1=0.9,
                  b2=0.999, eps=1e-8, grad_clip=0.0)
   # The importance-weighted NLL at every evaluation on `images` test images: k samples

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
 from aigc_jax.families import get_family_module
+from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
@@ -38,6 +39,7 @@ def prepare_config(config):
   module = get_family_module(family)
   config_lib.check_against_defaults(config, module.default_config())
   module.validate(config)
+  guard.validate(config)
   return module
 
 
@@ -82,7 +84,9 @@ class Run:
   state_sharding: object = None
 
   def compile_train_step(self, batch):
-    jitted = jax.jit(self.family.train_step,
+    t = self.config.train
+    step = guard.guard_step(self.family.train_step, t.spike_sigma, t.spike_window)
+    jitted = jax.jit(step,
                      in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
                      out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
                      donate_argnums=0)
@@ -115,7 +119,7 @@ def open_run(config, workdir: str, *, for_training: bool) -> Run:
   mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
   family = module.Family(config, workdir)
   replicated = mesh_lib.replicated(mesh)
-  init = jax.jit(family.init_state, out_shardings=replicated)
+  init = jax.jit(lambda rng: guard.init(family.init_state(rng)), out_shardings=replicated)
   state = init(jax.random.PRNGKey(config.seed))
   state_sharding = jax.tree.map(lambda _: replicated, state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -218,12 +222,16 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
              disable=not (sys.stderr.isatty() if progress is None else progress))
   log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys)
   last_eval = {}
-  state = run.state
+  state, previous = run.state, None
+  check = lambda metrics, step: guard.check(metrics, step, tcfg.nan_policy, run.checkpointer)
   for step in range(start, total):
     state, metrics = step_fn(state, batch)  # dispatched; runs asynchronously
     run.state = state
     log.stepped()
     done = step + 1
+    if previous is not None:
+      check(previous, done - 1)  # the previous step, finished while this one runs
+    previous = metrics
     data_state = family.train_data.get_state()  # the position after this step's batch
     if done < total:
       batch = mesh_lib.put_batch(next(family.train_data), mesh)  # overlaps the device
@@ -231,7 +239,10 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
     if done % tcfg.log_every == 0 or done == total:
       log.hold(done, metrics)
     bar.update(1)
-    if done % tcfg.eval_every == 0 or done == total:
+    at_eval = done % tcfg.eval_every == 0 or done == total
+    if at_eval or done % tcfg.checkpoint_every == 0 or stop:
+      check(metrics, done)  # never evaluate or checkpoint after an unchecked step
+    if at_eval:
       log.flush()
       last_eval = run.evaluate()
       writer.write(done, "val", last_eval)

@@ -1,9 +1,12 @@
-"""Fault injection with real processes and real signals: a run killed with SIGKILL at an
-arbitrary moment (saves every 2 steps, so often mid-save) and restarted with the same
-command ends bit-identical to an uninterrupted run."""
+"""Fault injection with real processes, real signals and real write failures: a run killed
+with SIGKILL at an arbitrary moment (saves every 2 steps, so often mid-save) and restarted
+with the same command ends bit-identical to an uninterrupted run; a save that cannot be
+written (the file-size limit standing in for a full disk) is one clear error and the
+previous checkpoint stays usable."""
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -70,3 +73,38 @@ def test_sigkill_at_any_moment_then_rerun_is_bit_identical(tmp_path, config, ove
   cfg = config_from_file(config, overrides)
   for x, y in zip(_final_params(straight, cfg), _final_params(killed, cfg), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+def _limit_file_size(max_bytes: int):
+  """preexec_fn: files may not grow past max_bytes, and writes beyond it fail with EFBIG
+  instead of killing the process — what a full disk looks like to the writer."""
+  def apply():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+  return apply
+
+
+def test_a_failed_save_surfaces_and_the_previous_checkpoint_stays_usable(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = [sys.executable, "-m", "aigc_jax.cli", "train", "--config", TINY_CONFIG,
+          "--workdir", workdir, "--config.sample.num=0", "--config.train.checkpoint_every=4",
+          "--config.train.eval_every=100"]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  run = lambda steps, **kw: subprocess.run([*args, f"--config.train.steps={steps}"],
+                                           capture_output=True, text=True, cwd=ROOT, env=env,
+                                           timeout=600, **kw)
+  first = run(4)
+  assert first.returncode == 0, first.stderr[-3000:]
+  # A checkpoint's data files are ~100-400 kB here: the next save cannot be written.
+  full = run(8, preexec_fn=_limit_file_size(50_000))
+  assert full.returncode == 2, full.stderr[-3000:]
+  message = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+  assert message == [message[0]] and "writing the checkpoint of step 8" in message[0]
+  assert "the checkpoint of step 4 is intact" in message[0]
+  assert "Traceback" not in full.stderr.split(message[0])[-1]
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 4
+
+  resumed = run(8)  # space again: the same command resumes from step 4
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert json.loads(resumed.stdout)["start_step"] == 4
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [4, 8]

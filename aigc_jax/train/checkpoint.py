@@ -11,6 +11,7 @@ that will be saved again).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -39,11 +40,16 @@ class ChecksumMismatch(ValueError):
   """The arrays restored from a checkpoint are not the ones that were saved."""
 
 
+class CheckpointWriteError(UserError):
+  """A save failed (disk full, quota, permissions); the previous checkpoints are intact."""
+
+
 class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._saving_step = None
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config", "checksums"))
@@ -57,10 +63,13 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
     """Starts an asynchronous save (device-to-host copies happen before it returns, so
     `state` may be donated to the next step right away)."""
-    self._manager.save(step, args=ocp.args.Composite(
+    args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
-        checksums=ocp.args.JsonSave(checksums(state, data_state, config))), force=True)
+        checksums=ocp.args.JsonSave(checksums(state, data_state, config)))
+    with self._write_errors():  # a failed earlier save surfaces here too
+      self._manager.save(step, args=args, force=True)
+    self._saving_step = step
 
   def restore(self, target_state, step: int | None = None):
     """(state, data_state, step) with `target_state`'s structure, shapes and shardings
@@ -108,12 +117,32 @@ class Checkpointer:
                        + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
     return restored.state, restored.data
 
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """Turns a failed write into one CheckpointWriteError naming the step, the reason and
+    the newest committed checkpoint."""
+    try:
+      yield
+    except Exception as e:
+      reason = (str(e).splitlines() or [type(e).__name__])[0].split(": ")[-1]
+      kept = self._manager.latest_step()
+      kept = (f"the checkpoint of step {kept} is intact" if kept is not None
+              else "no earlier checkpoint exists")
+      raise CheckpointWriteError(
+          f"writing the checkpoint of step {self._saving_step} in {self.directory} failed "
+          f"({reason}); {kept}. Free disk space (or fix the directory's permissions) and "
+          "re-run the same command to resume") from e
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._write_errors():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      with self._write_errors():
+        self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
 
 
 def _abstract(x):

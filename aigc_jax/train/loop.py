@@ -200,8 +200,10 @@ def train(config, workdir: str, *, progress: bool | None = None) -> dict:
     with _stop_requests() as stop:
       return _run_steps(run, writer, progress, stop)
   finally:
-    run.checkpointer.close()  # waits for the last asynchronous save to commit
-    writer.close()
+    try:
+      run.checkpointer.close()  # waits for the last asynchronous save to commit
+    finally:
+      writer.close()
 
 
 def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: list) -> dict:

@@ -78,7 +78,10 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   replicated state, donated, batch sharded over all devices) and times it: lowering and
   compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
   matmul + convolution FLOPs of the step's jaxpr, XLA's FLOPs, and memory."""
-  mesh = mesh_lib.make_mesh(-1)
+  # Every device that can take an equal share of the batch (all of them, normally).
+  batch_size = len(jax.tree.leaves(host_batch)[0])
+  mesh = mesh_lib.make_mesh(max(n for n in range(1, jax.device_count() + 1)
+                                if batch_size % n == 0))
   rep = mesh_lib.replicated(mesh)
   state = jax.jit(lambda rng: guard.init(family.init_state(rng)),
                   out_shardings=rep)(jax.random.PRNGKey(0))
@@ -107,7 +110,7 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   cost = _first(compiled.cost_analysis()) or {}
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
-  return {"params": params, "lower_s": t1 - t0, "compile_s": t2 - t1,
+  return {"params": params, "devices": mesh.size, "lower_s": t1 - t0, "compile_s": t2 - t1,
           "step_median_s": median, "step_min_s": best, "step_std_s": spread,
           "jaxpr_flops_per_step": jaxpr_flops,
           "xla_flops_per_step": float(cost.get("flops", -1)),

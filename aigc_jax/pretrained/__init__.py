@@ -1,0 +1,1 @@
+"""Pretrained weights from files (GGUF) into aigc_jax models."""

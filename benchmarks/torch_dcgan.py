@@ -4,10 +4,7 @@ Needs `torch` (the `bench` extra)."""
 
 from __future__ import annotations
 
-import math
-import time
-
-import numpy as np
+from benchmarks.torch_timing import time_eager
 
 
 def build(image_size: int, channels: int, z_dim: int, width: int, depth: int = 0):
@@ -48,9 +45,8 @@ def time_step(image_size=28, channels=1, z_dim=64, width=64, batch=64, steps=20,
   opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
   opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
   real = torch.rand(batch, channels, image_size, image_size) * 2 - 1
-  times = []
-  for i in range(warmup + steps):
-    t = time.perf_counter()
+
+  def step():
     fake = g(torch.randn(batch, z_dim)).detach()
     d_loss = F.softplus(-d(real)).mean() + F.softplus(d(fake)).mean()
     opt_d.zero_grad(set_to_none=True)
@@ -60,11 +56,9 @@ def time_step(image_size=28, channels=1, z_dim=64, width=64, batch=64, steps=20,
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  assert math.isfinite(g_loss.item())
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return g_loss
+
+  return time_eager(step, steps, warmup)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,7 @@ eager-PyTorch reference for step-time comparisons. Needs `torch` (the `bench` ex
 
 from __future__ import annotations
 
-import math
-import time
-
-import numpy as np
+from benchmarks.torch_timing import time_eager
 
 
 def build(vocab: int, layers: int, heads: int, width: int, context: int):
@@ -59,18 +56,15 @@ def time_step(vocab=257, layers=4, heads=4, width=128, context=64, batch=12, ste
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
   x = torch.randint(0, vocab, (batch, context))
   y = torch.randint(0, vocab, (batch, context))
-  times = []
-  for i in range(warmup + steps):
-    t = time.perf_counter()
+
+  def step():
     loss = model(x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  assert math.isfinite(loss.item())
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return loss
+
+  return time_eager(step, steps, warmup)
 
 
 if __name__ == "__main__":

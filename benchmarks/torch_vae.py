@@ -4,10 +4,7 @@ step-time comparisons. Needs `torch` (the `bench` extra)."""
 
 from __future__ import annotations
 
-import math
-import time
-
-import numpy as np
+from benchmarks.torch_timing import time_eager
 
 
 def build(image_size: int, channels: int, latent_dim: int, width: int, hidden: int):
@@ -42,9 +39,8 @@ def time_step(image_size=28, channels=1, latent_dim=20, width=32, hidden=512, ba
   encoder, decoder = build(image_size, channels, latent_dim, width, hidden)
   opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
   images = torch.rand(batch, channels, image_size, image_size)
-  times = []
-  for i in range(warmup + steps):
-    t = time.perf_counter()
+
+  def step():
     x = torch.bernoulli(images)
     mean, logvar = encoder(x * 2 - 1).chunk(2, dim=1)
     z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -54,11 +50,9 @@ def time_step(image_size=28, channels=1, latent_dim=20, width=32, hidden=512, ba
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  assert math.isfinite(loss.item())
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return loss
+
+  return time_eager(step, steps, warmup)
 
 
 if __name__ == "__main__":

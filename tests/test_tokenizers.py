@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aigc_jax.data.text import stdlib_documents
@@ -25,8 +25,13 @@ def bpe():
 
 @settings(max_examples=200, deadline=None)
 @given(st.text())
+@example("a document that spells <|endoftext|> is data, not a break")
 def test_bpe_round_trip(bpe, text):
   assert bpe.decode(bpe.encode(text)) == text
+
+
+def test_bpe_never_emits_eos_for_text(bpe):
+  assert bpe.eos_id not in bpe.encode("x<|endoftext|>y")
 
 
 def test_bpe_compresses_code_and_saves(bpe, tmp_path):

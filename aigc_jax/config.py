@@ -36,6 +36,8 @@ def _same_kind(value, default) -> bool:
     return isinstance(value, bool) and isinstance(default, bool)
   if isinstance(default, float):
     return isinstance(value, (int, float))
+  if isinstance(default, (list, tuple)):  # JSON gives back lists
+    return isinstance(value, (list, tuple))
   return isinstance(value, type(default))
 
 

@@ -1,6 +1,6 @@
 """The benchmark suite: each family's compiled train step at the sizes of a preset.
 
-  python -m benchmarks.run [--families lm,gan,vae] [--preset tiny|cpu|gpu]
+  python -m benchmarks.run [--families lm,gan,vae,finetune] [--preset tiny|cpu|gpu]
                            [--dtype float32|bfloat16] [--steps N] [--torch auto|on|off]
                            [--out benchmarks/results/PRESET-BACKEND.json]
 
@@ -24,17 +24,20 @@ import sys
 
 import jax
 
-from benchmarks import gan_step, lm_step, vae_step
+from benchmarks import finetune_step, gan_step, lm_step, vae_step
 from benchmarks.common import device_description, peak_flops
 
-BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step}
+BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step, "finetune": finetune_step}
 # preset: (default dtype, {family: [(case, timed steps)]})
 PRESETS = {
     "tiny": ("float32", {"lm": [("tiny", 2)], "gan": [("tiny", 2)], "vae": [("tiny", 2)]}),
     "cpu": ("float32", {"lm": [("nanogpt", 40), ("w384", 5)], "gan": [("28px", 20)],
-                        "vae": [("28px", 20)]}),
+                        "vae": [("28px", 20)],
+                        "finetune": [("sft_lora", 3), ("classify_lora", 5)]}),
     "gpu": ("bfloat16", {"lm": [("gpt2_124m", 20), ("gpt_350m", 10)], "gan": [("64px", 20)],
-                         "vae": [("32px", 20)]}),
+                         "vae": [("32px", 20)],
+                         "finetune": [("sft_lora", 20), ("sft_full", 20),
+                                      ("classify_lora", 20)]}),
 }
 
 

@@ -77,3 +77,32 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
   window = tokens[chosen[:, None] + np.arange(seq_len + 1)].astype(np.int32)
   return [{"inputs": window[i:i + batch_size, :-1], "targets": window[i:i + batch_size, 1:]}
           for i in range(0, n, batch_size)]
+
+
+class ExampleBatches(SeededBatches):
+  """Batches of whole examples (rows of equal-length arrays), in epochs: every example is
+  seen once per epoch, in an order permuted afresh each epoch from (seed, epoch).
+
+  batch(i) = {key: array[rows]} for B rows; a pure function of (seed, i).
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, seed: int):
+    sizes = {len(v) for v in arrays.values()}
+    if len(sizes) != 1 or not sizes.pop():
+      raise UserError("the training examples are empty (or their fields differ in length)")
+    self.arrays, self.batch_size, self.seed, self.next_index = arrays, batch_size, seed, 0
+    self.size = len(next(iter(arrays.values())))
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 2:  # a batch spans at most two epochs
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+    return self._perms[epoch]
+
+  def batch(self, index: int) -> dict[str, np.ndarray]:
+    positions = index * self.batch_size + np.arange(self.batch_size)
+    rows = np.asarray([self._permutation(int(p) // self.size)[int(p) % self.size]
+                       for p in positions])
+    return {k: v[rows] for k, v in self.arrays.items()}

@@ -8,7 +8,7 @@ import importlib
 from aigc_jax.errors import UserError, did_you_mean
 
 _MODULES = {"lm": "aigc_jax.families.lm", "gan": "aigc_jax.families.gan",
-            "vae": "aigc_jax.families.vae"}
+            "vae": "aigc_jax.families.vae", "finetune": "aigc_jax.families.finetune"}
 
 
 def get_family_module(name: str):

@@ -16,8 +16,9 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
-from aigc_jax.nn.dense import dense, dense_dot_general
+from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
+from aigc_jax.nn.linear import Linear
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
 
@@ -115,9 +116,9 @@ class Block(nnx.Module):
     # Norms run in float32 (the residual stream's dtype); matmuls in the compute dtype.
     h = self.attn_norm(x_BTD).astype(self.dtype)
     h, cache = self.attn(h, positions_BT, cache=cache, cache_index=cache_index,
-                         mask_B1TS=mask_B1TS)
+                         mask_B1TS=mask_B1TS, deterministic=deterministic, rngs=rngs)
     x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
-    h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype))
+    h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype), deterministic, rngs)
     x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
     return x_BTD, cache
 
@@ -139,9 +140,8 @@ class Transformer(nnx.Module):
     self.final_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
     self.embed_dropout = nnx.Dropout(cfg.dropout)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False,
-                                dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32,
-                                dot_general=dense_dot_general, rngs=rngs)
+      self.lm_head = Linear(cfg.embed_dim, cfg.vocab_size, dtype=DTYPES[cfg.dtype],
+                            param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
                cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
@@ -154,6 +154,28 @@ class Transformer(nnx.Module):
     padding before it is masked out and positions count from it). Returns
     (logits_BTV, new_cache).
     """
+    h_BTD, new_cache = self._trunk(tokens_BT, positions_BT, cache, cache_index, start_B,
+                                   deterministic, rngs)
+    logits_BTV = self.logits(h_BTD)
+    return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+  def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
+                    deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """tokens [B, T] -> the final-normed hidden states [B, T, D] (compute dtype) that
+    the output layer reads: the features for a task head."""
+    return self._trunk(tokens_BT, positions_BT, None, None, None, deterministic, rngs)[0]
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """Hidden states [B, T, D] -> logits [B, T, V] float32."""
+    dtype = DTYPES[self.cfg.dtype]
+    if self.cfg.tie_embeddings:
+      logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
+    else:
+      logits_BTV = self.lm_head(h_BTD)
+    return logits_BTV.astype(jnp.float32)
+
+  def _trunk(self, tokens_BT, positions_BT, cache, cache_index, start_B, deterministic, rngs):
+    """(final-normed hidden states [B, T, D], new cache: a list, empty without one)."""
     cfg = self.cfg
     check_tokens(tokens_BT, cfg.vocab_size)
     B, T = tokens_BT.shape
@@ -180,13 +202,7 @@ class Transformer(nnx.Module):
         x_BTD, layer_cache = block(x_BTD, positions_BT, None if cache is None else cache[i],
                                    cache_index, mask_B1TS, deterministic, rngs)
         new_cache.append(layer_cache)
-    h_BTD = self.final_norm(x_BTD).astype(dtype)
-    if cfg.tie_embeddings:
-      logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
-    else:
-      logits_BTV = self.lm_head(h_BTD)
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    return logits_BTV if cache is None else (logits_BTV, new_cache)
+    return self.final_norm(x_BTD).astype(dtype), new_cache
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
     cfg = self.cfg

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aigc_jax.nn.dense import dense_dot_general
+from aigc_jax.nn.linear import Linear
 from aigc_jax.nn.rope import apply_rope
 
 
@@ -81,9 +81,7 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_base = rope_base
     self.implementation = implementation
-    linear = lambda i, o: nnx.Linear(
-        i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-        dot_general=dense_dot_general, rngs=rngs)
+    linear = lambda i, o: Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(embed_dim, num_heads * head_dim)
     self.k_proj = linear(embed_dim, num_kv_heads * head_dim)
     self.v_proj = linear(embed_dim, num_kv_heads * head_dim)
@@ -91,13 +89,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,
-               mask_B1TS: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               mask_B1TS: jax.Array | None = None, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, KVCache | None]:
     """Without a cache: causal attention over the T inputs. With a cache: the inputs are
     written at [cache_index, cache_index + T) and attend to the cache under `mask_B1TS`."""
     B, T, _ = x_BTD.shape
-    q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
-    k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
-    v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    kw = dict(deterministic=deterministic, rngs=rngs)  # for LoRA adapters' dropout
+    q_BTNH = self.q_proj(x_BTD, **kw).reshape(B, T, self.num_heads, self.head_dim)
+    k_BTKH = self.k_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v_BTKH = self.v_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
     q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_base)
     k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_base)
     if cache is None:
@@ -110,4 +110,5 @@ class Attention(nnx.Module):
       new_cache = KVCache(k_BSKH, v_BSKH)
       out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
                         mask_B1TS, self.implementation)
-    return self.o_proj(out_BTNH.reshape(B, T, self.num_heads * self.head_dim)), new_cache
+    out_BTD = self.o_proj(out_BTNH.reshape(B, T, self.num_heads * self.head_dim), **kw)
+    return out_BTD, new_cache

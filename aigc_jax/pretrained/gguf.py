@@ -12,7 +12,6 @@ BPE tokenizer and the chat template come from the same file.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import os
 
@@ -20,6 +19,8 @@ import numpy as np
 
 from aigc_jax.errors import UserError
 from aigc_jax.models.transformer import TransformerConfig
+from aigc_jax.pretrained import llama
+from aigc_jax.pretrained.tokenizer import PretrainedTokenizer, tokenizers_lib
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_ENV = "AIGC_JAX_SMOLLM2_GGUF"
@@ -103,62 +104,23 @@ def read_gguf(path: str) -> tuple[TransformerConfig, dict, object]:
       raise UserError(f"GGUF tensor {name!r} is missing from {path!r}")
     t = tensors[name]
     try:
-      return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+      w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     except NotImplementedError as e:
       raise UserError(f"GGUF tensor {name!r} uses quantization {t.tensor_type.name}, which "
                       "the gguf package cannot dequantize") from e
+    if name.endswith(("attn_q.weight", "attn_k.weight")):
+      w = unpermute_rope(w, heads if name.endswith("attn_q.weight") else kv_heads)
+    return w
 
-  linear = lambda name: {"kernel": weight(name).T}  # GGUF [out, in] -> kernel [in, out]
-  blocks = {}
-  for i in range(cfg.num_layers):
-    b = f"blk.{i}."
-    blocks[i] = {
-        "attn_norm": {"scale": weight(b + "attn_norm.weight")},
-        "attn": {"q_proj": {"kernel": unpermute_rope(weight(b + "attn_q.weight"), heads).T},
-                 "k_proj": {"kernel": unpermute_rope(weight(b + "attn_k.weight"),
-                                                     kv_heads).T},
-                 "v_proj": linear(b + "attn_v.weight"),
-                 "o_proj": linear(b + "attn_output.weight")},
-        "mlp_norm": {"scale": weight(b + "ffn_norm.weight")},
-        "mlp": {"gate": linear(b + "ffn_gate.weight"), "up": linear(b + "ffn_up.weight"),
-                "down": linear(b + "ffn_down.weight")},
-    }
-  params = {"embed": {"embedding": weight("token_embd.weight")}, "blocks": blocks,
-            "final_norm": {"scale": weight("output_norm.weight")}}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = linear("output.weight")
+  params = llama.params_from_tensors(cfg, "gguf", weight)
   return cfg, params, reader
 
 
-@dataclasses.dataclass
-class GgufTokenizer:
-  """The file's byte-level BPE (GPT-2 style) as a Hugging Face `tokenizers` object."""
-
-  tokenizer: object
-  bos_id: int
-  eos_id: int
-  chat_template: str
-
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.get_vocab_size()
-
-  def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
-
-  def decode(self, ids) -> str:
-    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-
-def gguf_tokenizer(reader) -> GgufTokenizer:
+def gguf_tokenizer(reader) -> PretrainedTokenizer:
   model = _field(reader, "tokenizer.ggml.model")
   if model != "gpt2":
     raise UserError(f"GGUF tokenizer {model!r} is not supported: only byte-level BPE ('gpt2')")
-  try:
-    import tokenizers as tk
-  except ImportError as e:
-    raise UserError("the GGUF tokenizer needs the `tokenizers` package: "
-                    "pip install 'aigc_jax[pretrained]'") from e
+  tk = tokenizers_lib()
   tokens = _field(reader, "tokenizer.ggml.tokens")
   merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
   tok = tk.Tokenizer(tk.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
@@ -167,34 +129,14 @@ def gguf_tokenizer(reader) -> GgufTokenizer:
   types = _field(reader, "tokenizer.ggml.token_type", [])
   special = [t for t, kind in zip(tokens, types, strict=False) if kind == 3]  # CONTROL
   tok.add_special_tokens(special)
-  return GgufTokenizer(tok, int(_field(reader, "tokenizer.ggml.bos_token_id", 0)),
-                       int(_field(reader, "tokenizer.ggml.eos_token_id", 0)),
-                       str(_field(reader, "tokenizer.chat_template", "")))
+  return PretrainedTokenizer(tok, int(_field(reader, "tokenizer.ggml.bos_token_id", 0)),
+                             int(_field(reader, "tokenizer.ggml.eos_token_id", 0)),
+                             str(_field(reader, "tokenizer.chat_template", "")))
 
 
 def load_gguf(path: str, **config_overrides):
-  """(Transformer with the file's weights, GgufTokenizer). `config_overrides` may set
+  """(Transformer with the file's weights, PretrainedTokenizer). `config_overrides` may set
   e.g. dtype, max_seq_len or attention."""
-  from flax import nnx
-
-  from aigc_jax.models.transformer import Transformer
-
   cfg, params, reader = read_gguf(path)
-  cfg = dataclasses.replace(cfg, **config_overrides)
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  _check_shapes(expected, params)
-  nnx.update(model, params)
+  model = llama.build_model(cfg, params, f"the GGUF file {path!r}", **config_overrides)
   return model, gguf_tokenizer(reader)
-
-
-def _check_shapes(expected: dict, got: dict, prefix: str = "") -> None:
-  for key, value in expected.items():
-    name = f"{prefix}{key}"
-    if key not in got:
-      raise UserError(f"the GGUF file has no weights for {name!r}")
-    if isinstance(value, dict):
-      _check_shapes(value, got[key], name + ".")
-    elif tuple(value.shape) != tuple(got[key].shape):
-      raise UserError(f"weight {name!r} has shape {tuple(got[key].shape)} in the file but "
-                      f"the config read from it needs {tuple(value.shape)}")

@@ -63,6 +63,7 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
     """Starts an asynchronous save (device-to-host copies happen before it returns, so
     `state` may be donated to the next step right away)."""
+    state = _without_frozen(state)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config),
@@ -78,7 +79,7 @@ class Checkpointer:
     steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
     if not steps:
       raise UserError(f"no checkpoint in {self.directory}: train first (aigc-jax train ...)")
-    abstract = jax.tree.map(_abstract, target_state)
+    abstract = jax.tree.map(_abstract, _without_frozen(target_state))
     failures = []
     for candidate in steps:
       try:
@@ -94,6 +95,8 @@ class Checkpointer:
         print(f"warning: checkpoint at step {candidate} in {self.directory} is unusable "
               f"({reason}); trying an older one", file=sys.stderr)
         continue
+      if hasattr(target_state, "frozen"):
+        state = state.replace(frozen=target_state.frozen)
       return state, data_state, candidate
     raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
                     + ". Delete the damaged step folders to start over, or restore them")
@@ -143,6 +146,11 @@ class Checkpointer:
         self._manager.wait_until_finished()
     finally:
       self._manager.close()
+
+
+def _without_frozen(state):
+  """Frozen parameters are not saved: they come from their pretrained source."""
+  return state.replace(frozen={}) if hasattr(state, "frozen") else state
 
 
 def _abstract(x):

@@ -86,7 +86,9 @@ def guard_step(train_step, spike_sigma: float = 0.0, spike_window: int = 100,
       spike = warmed_up & (loss > stats["loss_mean"] + spike_sigma * std)
       ok = ok & ~spike
     keep = lambda n, o: jnp.where(ok, n, o)
-    applied = jax.tree.map(keep, new.replace(step=state.step), inner).replace(step=new.step)
+    # Frozen parameters pass through untouched (no select over the whole base model).
+    applied = jax.tree.map(keep, new.replace(step=state.step, frozen={}),
+                           inner.replace(frozen={})).replace(step=new.step, frozen=new.frozen)
     stats = dict(stats, skipped_total=stats["skipped_total"] + (~ok).astype(jnp.int32))
     if loss is not None:
       # An exponential window over the accepted losses (the first ones averaged evenly).

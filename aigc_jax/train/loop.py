@@ -121,6 +121,8 @@ def open_run(config, workdir: str, *, for_training: bool) -> Run:
   replicated = mesh_lib.replicated(mesh)
   init = jax.jit(lambda rng: guard.init(family.init_state(rng)), out_shardings=replicated)
   state = init(jax.random.PRNGKey(config.seed))
+  if hasattr(family, "load_weights"):  # pretrained weights: data, not compiled constants
+    state = jax.device_put(family.load_weights(state), replicated)
   state_sharding = jax.tree.map(lambda _: replicated, state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.train.keep_checkpoints)
@@ -224,6 +226,8 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
              disable=not (sys.stderr.isatty() if progress is None else progress))
   log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys)
   last_eval = {}
+  if start == 0 and tcfg.get("eval_at_start", False):  # e.g. a pretrained model, untuned
+    writer.write(0, "val", run.evaluate())
   state, previous = run.state, None
   check = lambda metrics, step: guard.check(metrics, step, tcfg.nan_policy, run.checkpointer)
   for step in range(start, total):

@@ -13,18 +13,21 @@ from flax import struct
 class TrainState:
   """step: int32 scalar; params: NNX parameters as a pure nested dict (`nnx.to_pure_dict`);
   opt_state: Optax state; rng: uint32 [2] base key (per-step keys are folded from it);
-  extra: family-specific arrays (e.g. EMA parameters, a second optimizer's state)."""
+  extra: family-specific arrays (e.g. EMA parameters, a second optimizer's state);
+  frozen: parameters the step reads but never trains (fine-tuning: the pretrained base
+  weights), not in checkpoints — they are loaded again from their source."""
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   extra: Any = struct.field(default_factory=dict)
+  frozen: Any = struct.field(default_factory=dict)
 
   @classmethod
-  def create(cls, params, tx, rng: jax.Array, extra=None) -> TrainState:
+  def create(cls, params, tx, rng: jax.Array, extra=None, frozen=None) -> TrainState:
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               rng=rng, extra=extra or {})
+               rng=rng, extra=extra or {}, frozen=frozen or {})
 
 
 def count_params(tree) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from aigc_jax.train.partition import join
 from aigc_jax.train.state import TrainState
 
 # loss_fn(model, batch, rng, step) -> (scalar loss, dict of scalar metrics); `step` (int32
@@ -34,28 +35,30 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
   `grad_accum_steps` micro-batches (a `lax.scan`, so memory is that of one micro-batch).
 
   Per-step randomness is `fold_in(state.rng, state.step)`: deterministic, and the same
-  whether or not the run was resumed.
+  whether or not the run was resumed. Gradients are taken of `state.params` only;
+  `state.frozen` joins them in the model as constants of the differentiation.
   """
 
-  def loss_of_params(params, batch, rng, step):
-    return loss_fn(nnx.merge(graphdef, params), batch, rng, step)
+  def loss_of_params(params, frozen, batch, rng, step):
+    return loss_fn(nnx.merge(graphdef, join(params, frozen)), batch, rng, step)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
   def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng, state.step)
+      (loss, aux), grads = grad_fn(state.params, state.frozen, batch, rng, state.step)
     else:
       micro = split_microbatches(batch, grad_accum_steps)
 
       def accumulate(carry, inputs):
         i, mb = inputs
-        (loss, aux), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
+        (loss, aux), grads = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i),
+                                     state.step)
         return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-      zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng,
-                            state.step)
+      zero = jax.eval_shape(grad_fn, state.params, state.frozen,
+                            jax.tree.map(lambda x: x[0], micro), rng, state.step)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
       zero = (zero[0][0], zero[0][1], zero[1])
       total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum_steps), micro))

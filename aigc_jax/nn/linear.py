@@ -1,0 +1,113 @@
+"""A bias-free dense layer with an optional low-rank adapter (LoRA, Hu et al. 2021).
+
+y = x @ kernel + (alpha / rank) * dropout(x) @ lora.a @ lora.b
+
+The adapter is added to a built model by `add_lora` (so the base weights keep their
+paths, `...q_proj.kernel`, and load from pretrained files unchanged); `lora.b` starts at
+zero, so at initialization the model computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aigc_jax.errors import UserError
+from aigc_jax.nn.dense import dense
+
+
+class LoraAdapter(nnx.Module):
+  """a [I, r] (Kaiming-uniform, as PEFT) and b [r, O] (zeros), scaled by alpha / r."""
+
+  def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+               dropout: float, *, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(in_features)
+    self.a = nnx.Param(jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32,
+                                          -bound, bound))
+    self.b = nnx.Param(jnp.zeros((rank, out_features), jnp.float32))
+    self.scale = alpha / rank
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x_NI, deterministic: bool, rngs: nnx.Rngs | None):
+    x_NI = self.dropout(x_NI, deterministic=deterministic, rngs=rngs)
+    h_NR = dense(x_NI, self.a[...].astype(x_NI.dtype))
+    return dense(h_NR, (self.scale * self.b[...]).astype(x_NI.dtype))
+
+
+class Linear(nnx.Module):
+  """x [..., I] -> [..., O] in the compute `dtype`; the kernel is stored in `param_dtype`.
+  Initialised as `nnx.Linear` (LeCun normal, same key use), so the two load each other's
+  weights."""
+
+  def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, kernel_init=None, rngs: nnx.Rngs):
+    kernel_init = kernel_init or nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
+                                        param_dtype))
+    self.dtype = dtype
+    self.lora: LoraAdapter | None = nnx.data(None)  # a submodule once `add_lora` adds it
+
+  def __call__(self, x_NI: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
+    x_NI = x_NI.astype(self.dtype)
+    y_NO = dense(x_NI, self.kernel[...].astype(self.dtype))
+    if self.lora is not None:
+      y_NO = y_NO + self.lora(x_NI, deterministic, rngs)
+    return y_NO
+
+
+def module_paths(model: nnx.Module, kind=Linear) -> dict[str, nnx.Module]:
+  """{'blocks.0.attn.q_proj': module, ...}: every `kind` submodule by its dotted path."""
+  return {".".join(map(str, path)): m for path, m in nnx.iter_graph(model)
+          if isinstance(m, kind) and path}
+
+
+def match_paths(paths, patterns, what: str) -> list[str]:
+  """The paths that any pattern (a regular expression, `re.search`) matches; a pattern
+  that matches nothing is an error listing a few of the paths there are."""
+  paths = list(paths)
+  matched = set()
+  for pattern in patterns:
+    try:
+      hits = [p for p in paths if re.search(pattern, p)]
+    except re.error as e:
+      raise UserError(f"{what} pattern '{pattern}' is not a regular expression ({e})") from e
+    if not hits:
+      kinds = sorted({re.sub(r"\.\d+\.", ".N.", p) for p in paths})  # one per layer kind
+      examples = ", ".join(kinds[:12]) + (", ..." if len(kinds) > 12 else "")
+      raise UserError(f"{what} pattern '{pattern}' matches nothing; the paths look like: "
+                      f"{examples}")
+    matched.update(hits)
+  return [p for p in paths if p in matched]
+
+
+def add_lora(model: nnx.Module, targets, rank: int, alpha: float, dropout: float = 0.0, *,
+             rngs: nnx.Rngs) -> list[str]:
+  """Adds a rank-`rank` adapter to every `Linear` whose path matches a target pattern
+  (e.g. r'attn\\.(q|v)_proj$'); returns the adapted paths."""
+  if rank < 1:
+    raise UserError(f"LoRA rank must be >= 1, got {rank}")
+  layers = module_paths(model)
+  paths = match_paths(layers, targets, "LoRA target")
+  for path in paths:
+    layer = layers[path]
+    in_features, out_features = layer.kernel.shape
+    layer.lora = LoraAdapter(in_features, out_features, rank, alpha, dropout, rngs=rngs)
+  return paths
+
+
+def merge_lora(params: dict, alpha: float) -> dict:
+  """Pure-dict parameters with every adapter folded into its kernel
+  (kernel + alpha / r * a @ b) and removed: the base model's layout, for export."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: merge_lora(v, alpha) for k, v in params.items() if k != "lora"}
+  if "lora" in params:
+    a, b = params["lora"]["a"], params["lora"]["b"]
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    out["kernel"] = params["kernel"] + (alpha / a.shape[1]) * delta
+  return out

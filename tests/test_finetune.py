@@ -1,0 +1,170 @@
+"""Fine-tuning on the shared loop: LoRA and pattern-frozen SFT with prompt masking, the
+classification head, checkpoints that hold only what trains, merged export."""
+
+import ast
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from aigc_jax.config import config_from_file
+from aigc_jax.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+pytest.importorskip("safetensors", reason="fine-tuning tests load HF checkpoints (dev extra)")
+
+from aigc_jax.pretrained.hf import load_hf  # noqa: E402
+from aigc_jax.train import open_run, train  # noqa: E402
+from tests.tiny_llama import write_tiny_hf  # noqa: E402
+
+FT_TINY = str(ROOT / "configs" / "ft_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("pretrained")
+  cfg, params, tokenizer = write_tiny_hf(directory)
+  return str(directory), params, tokenizer
+
+
+def _config(pretrained_dir, **overrides):
+  c = config_from_file(FT_TINY)
+  c.pretrained.path = pretrained_dir
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    c[section][key] = value
+  return c
+
+
+def _leaves_by_path(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_leaves_by_path(value, path + "."))
+    else:
+      out[path] = np.asarray(value)
+  return out
+
+
+def test_lora_sft_trains_only_adapters_and_lowers_held_out_loss(pretrained, tmp_path):
+  directory, base, _ = pretrained
+  config = _config(directory)
+  summary = train(config, str(tmp_path), progress=False)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  val = [r for r in records if r.get("split") == "val"]
+  assert val[0]["step"] == 0 and val[-1]["step"] == 16
+  assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.1, val
+  run = open_run(config, str(tmp_path), for_training=False)
+  trained = _leaves_by_path(jax.device_get(run.state.params))
+  assert trained and all(".lora." in p for p in trained)
+  frozen = _leaves_by_path(jax.device_get(run.state.frozen))
+  for path, value in _leaves_by_path(base).items():
+    np.testing.assert_array_equal(frozen[path], value)  # base weights bit-identical
+  assert any(np.abs(v).sum() > 0 for p, v in trained.items() if p.endswith(".b"))
+  assert summary["steps"] == 16
+  # Checkpoints hold the adapters only, not the base weights.
+  saved = json.loads((tmp_path / "checkpoints" / "16" / "state" / "_METADATA").read_text())
+  arrays = [ast.literal_eval(k) for k in saved["tree_metadata"]]
+  assert [k for k in arrays if k[0] == "frozen" and len(k) > 1] == []
+  assert all("lora" in k for k in arrays if k[0] == "params")
+
+
+def test_frozen_patterns_stay_bit_identical_in_full_fine_tuning(pretrained, tmp_path):
+  directory, base, _ = pretrained
+  config = _config(directory, **{"lora.rank": 0, "train.steps": 3, "train.eval_at_start": False,
+                                 "train.eval_every": 3, "train.checkpoint_every": 3})
+  config.train.frozen = (r"blocks\.0\.", r"^embed\.")
+  train(config, str(tmp_path), progress=False)
+  run = open_run(config, str(tmp_path), for_training=False)
+  trained = _leaves_by_path(jax.device_get(run.state.params))
+  frozen = _leaves_by_path(jax.device_get(run.state.frozen))
+  base = _leaves_by_path(base)
+  assert set(frozen) == {p for p in base if p.startswith(("blocks.0.", "embed."))}
+  for path in frozen:
+    np.testing.assert_array_equal(frozen[path], base[path])
+  changed = [p for p in trained if not np.array_equal(trained[p], base[p])]
+  assert set(changed) == set(trained) and "blocks.1.attn.q_proj.kernel" in changed
+
+
+def test_sft_masks_the_prompt_and_uses_the_chat_template(pretrained, tmp_path):
+  directory, _, tokenizer = pretrained
+  run = open_run(_config(directory), str(tmp_path), for_training=True)
+  family = run.family
+  batch = family.eval_batches()[0]
+  row = int(np.flatnonzero(batch["mask"][:, -1] == 0)[0])  # a response that fits whole
+  mask, targets = batch["mask"][row], batch["targets"][row]
+  first = int(np.argmax(mask > 0))
+  prompt_text = tokenizer.decode(batch["inputs"][row][:first + 1])
+  assert prompt_text.startswith("<|im_start|>system\n") and prompt_text.endswith(
+      "<|im_start|>assistant\n")
+  assert "Write the body of this Python function." in prompt_text
+  response = tokenizer.decode(targets[mask > 0])
+  assert response.endswith("<|im_end|>\n") and "<|im_start|>" not in response
+
+
+def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
+  directory, _, _ = pretrained
+  workdir, out = tmp_path / "run", tmp_path / "export"
+  config = _config(directory, **{"train.steps": 4, "train.eval_at_start": False,
+                                 "train.eval_every": 4})
+  train(config, str(workdir), progress=False)
+  result = run_cli("export", "--workdir", str(workdir), "--format", "safetensors",
+                   "--out", str(out))
+  assert result.returncode == 0, result.stderr
+  run = open_run(config, str(workdir), for_training=False)
+  tokens = np.random.default_rng(0).integers(0, 300, size=(2, 11)).astype(np.int32)
+  ours = np.asarray(run.family.model(run.state)(tokens))
+  exported, tok = load_hf(str(out))
+  np.testing.assert_allclose(np.asarray(exported(tokens)), ours, atol=1e-5, rtol=1e-5)
+  assert tok is not None and tok.chat_template
+
+
+def test_classifier_head_trains_with_lora(pretrained, tmp_path):
+  pytest.importorskip("sklearn", reason="the TF-IDF baseline needs scikit-learn (dev extra)")
+  from aigc_jax.data.sentiment import find_archive
+  try:
+    find_archive()
+  except UserError as e:
+    pytest.fail(f"VADER's data is missing ({e}); `make data` fetches it")
+  directory, base, _ = pretrained
+  config = _config(directory, **{"task.name": "classify", "data.name": "vader",
+                                 "data.seq_len": 48, "train.steps": 6, "train.batch_size": 8,
+                                 "train.eval_every": 6, "data.max_eval_examples": 64})
+  summary = train(config, str(tmp_path), progress=False)
+  assert 0 <= summary["val_accuracy"] <= 1
+  assert 0.7 < summary["baseline_tfidf_accuracy"] < 0.9
+  run = open_run(config, str(tmp_path), for_training=False)
+  trained = _leaves_by_path(jax.device_get(run.state.params))
+  assert "head.kernel" in trained and all(p == "head.kernel" or ".lora." in p for p in trained)
+  frozen = _leaves_by_path(jax.device_get(run.state.frozen))
+  for path, value in _leaves_by_path(base).items():
+    np.testing.assert_array_equal(frozen["lm." + path], value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lora.targets": (r"attn\.qkv",)}, "LoRA target pattern"),
+    ({"train.frozen": ("no_such_layer",)}, "frozen pattern 'no_such_layer' matches nothing"),
+    ({"data.seq_len": 4096}, "exceeds the model's context"),
+    ({"data.name": "vader"}, "for task 'sft' must be one of"),
+])
+def test_bad_fine_tuning_configs(pretrained, tmp_path, overrides, message):
+  directory, _, _ = pretrained
+  config = _config(directory)
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    config[section][key] = value
+  with pytest.raises(UserError, match=message):
+    open_run(config, str(tmp_path), for_training=True)
+
+
+def test_lora_model_logits_equal_base_at_init(pretrained, tmp_path):
+  directory, _, _ = pretrained
+  run = open_run(_config(directory), str(tmp_path), for_training=True)
+  base, _ = load_hf(directory)
+  tokens = np.random.default_rng(3).integers(0, 300, size=(2, 9)).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(run.family.model(run.state)(tokens)),
+                                np.asarray(base(tokens)))
+  assert isinstance(run.family.model(run.state), nnx.Module)

@@ -70,6 +70,12 @@ def test_lora_sft_trains_only_adapters_and_lowers_held_out_loss(pretrained, tmp_
   arrays = [ast.literal_eval(k) for k in saved["tree_metadata"]]
   assert [k for k in arrays if k[0] == "frozen" and len(k) > 1] == []
   assert all("lora" in k for k in arrays if k[0] == "params")
+  # ... so resuming on other base weights (same shapes) is refused, not silently mixed.
+  other = tmp_path / "other_pretrained"
+  write_tiny_hf(other, seed=1)
+  config.pretrained.path = str(other)
+  with pytest.raises(UserError, match="trained on other frozen .pretrained. weights"):
+    open_run(config, str(tmp_path), for_training=True)
 
 
 def test_frozen_patterns_stay_bit_identical_in_full_fine_tuning(pretrained, tmp_path):
@@ -120,6 +126,10 @@ def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
   exported, tok = load_hf(str(out))
   np.testing.assert_allclose(np.asarray(exported(tokens)), ours, atol=1e-5, rtol=1e-5)
   assert tok is not None and tok.chat_template
+  sample = run_cli("sample", "--workdir", str(workdir), "--prompt", "def add(a, b):",
+                   "--max-new-tokens", "5")
+  assert sample.returncode == 0, sample.stderr
+  assert "=== prompt 0 ===\ndef add(a, b):\n=== reply ===\n" in sample.stdout
 
 
 def test_classifier_head_trains_with_lora(pretrained, tmp_path):

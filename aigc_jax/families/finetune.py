@@ -159,12 +159,15 @@ class Family:
                      dropout=c.model.dropout)
     if c.model.max_seq_len:
       overrides["max_seq_len"] = c.model.max_seq_len
+    self._overrides = overrides
     base, self.tokenizer = load_pretrained(c.pretrained, **overrides)
     self.model_cfg = base.cfg
     if c.data.seq_len > self.model_cfg.max_seq_len:
       raise UserError(f"config 'data.seq_len'={c.data.seq_len} exceeds the model's context "
                       f"of {self.model_cfg.max_seq_len} tokens: lower it")
     self._base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    self._base_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                     self._base_params)
     abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
     self.graphdef = nnx.split(abstract)[0]
     all_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
@@ -191,17 +194,26 @@ class Family:
     return model
 
   def init_state(self, rng: jax.Array) -> TrainState:
-    """Random weights of the right shapes (pure: the loop jits it); `load_weights` then
-    puts the pretrained ones in place."""
+    """Fresh adapters and head, zeros for the base weights (pure: the loop jits it, and
+    XLA drops the random draws of the base weights); `load_weights` then puts the
+    pretrained ones in place."""
     k_params, k_train = jax.random.split(rng)
     params = nnx.to_pure_dict(nnx.state(self._build(nnx.Rngs(params=k_params)), nnx.Param))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._base_shapes)
+    params = partition.overlay(params, {"lm": zeros} if self.task == "classify" else zeros)
     train, frozen = partition.split(params, self.trainable)
     return TrainState.create(train, self.tx, k_train, frozen=frozen)
 
   def load_weights(self, state: TrainState) -> TrainState:
     """The state with the pretrained weights in place of the random base weights (host
-    arrays, not constants baked into a compiled init)."""
-    base = {"lm": self._base_params} if self.task == "classify" else self._base_params
+    arrays, not constants baked into a compiled init). The host copy is dropped after:
+    the run keeps the device copy only."""
+    base = self._base_params
+    if base is None:  # loaded once already
+      base = nnx.to_pure_dict(nnx.state(load_pretrained(self.config.pretrained,
+                                                        **self._overrides)[0], nnx.Param))
+    self._base_params = None
+    base = {"lm": base} if self.task == "classify" else base
     train, frozen = partition.split(base, self.trainable)
     return state.replace(params=partition.overlay(state.params, train),
                          frozen=partition.overlay(state.frozen, frozen))

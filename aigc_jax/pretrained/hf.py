@@ -11,7 +11,6 @@ several `.safetensors` files are read whole. A `tokenizer.json` (and the chat te
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -152,8 +151,3 @@ def export_hf(directory: str, cfg: TransformerConfig, params: dict,
     json.dump(config, f, indent=2)
   return weights
 
-
-def config_for_model(model) -> TransformerConfig:
-  """The architecture fields of a model's config (runtime fields reset to defaults)."""
-  return dataclasses.replace(model.cfg, dropout=0.0, dtype="float32", attention="auto",
-                             remat=False)

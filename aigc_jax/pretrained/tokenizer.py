@@ -96,12 +96,6 @@ class PretrainedTokenizer:
     ids = self._encode(after, parse_special=True) if after else np.zeros(0, np.int32)
     return ids if len(ids) else np.asarray([self.eos_id], np.int32)
 
-  def token_byte_lengths(self) -> np.ndarray:
-    """UTF-8 bytes each id decodes to (special tokens: 0)."""
-    special = set(self.tokenizer.get_added_tokens_decoder())
-    return np.asarray([0 if i in special else len(self.tokenizer.decode([i]).encode())
-                       for i in range(self.vocab_size)], np.int32)
-
   def save(self, directory: str) -> None:
     """tokenizer.json + tokenizer_config.json (special tokens, chat template), the files
     Hugging Face loaders read."""

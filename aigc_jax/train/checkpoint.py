@@ -36,6 +36,9 @@ def checksums(state, data_state: dict, config: dict | None = None) -> dict[str, 
   return sums
 
 
+FROZEN = "<frozen>"
+
+
 class ChecksumMismatch(ValueError):
   """The arrays restored from a checkpoint are not the ones that were saved."""
 
@@ -50,6 +53,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._saving_step = None
+    self._frozen_crc = None
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config", "checksums"))
@@ -63,11 +67,12 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
     """Starts an asynchronous save (device-to-host copies happen before it returns, so
     `state` may be donated to the next step right away)."""
-    state = _without_frozen(state)
+    sums = {**checksums(_without_frozen(state), data_state, config),
+            **self._frozen_checksum(state)}
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config),
-        checksums=ocp.args.JsonSave(checksums(state, data_state, config)))
+        state=ocp.args.StandardSave(_without_frozen(state)),
+        data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
+        checksums=ocp.args.JsonSave(sums))
     with self._write_errors():  # a failed earlier save surfaces here too
       self._manager.save(step, args=args, force=True)
     self._saving_step = step
@@ -83,7 +88,7 @@ class Checkpointer:
     failures = []
     for candidate in steps:
       try:
-        state, data_state = self._restore_verified(candidate, abstract)
+        state, data_state, frozen_crc = self._restore_verified(candidate, abstract)
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
@@ -96,6 +101,10 @@ class Checkpointer:
               f"({reason}); trying an older one", file=sys.stderr)
         continue
       if hasattr(target_state, "frozen"):
+        if frozen_crc is not None and self._frozen_checksum(target_state).get(FROZEN) != frozen_crc:
+          raise UserError(f"the checkpoint of step {candidate} in {self.directory} was trained "
+                          "on other frozen (pretrained) weights than the ones loaded now: "
+                          "point the config at the original weights, or use a new workdir")
         state = state.replace(frozen=target_state.frozen)
       return state, data_state, candidate
     raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
@@ -107,18 +116,30 @@ class Checkpointer:
             "(written by an older aigc_jax): restoring it unverified", file=sys.stderr)
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      return restored.state, restored.data
+      return restored.state, restored.data, None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
         checksums=ocp.args.JsonRestore()))
-    expected = {k: v for k, v in restored.checksums.items() if k != "<config>"}
+    expected = {k: v for k, v in restored.checksums.items() if k not in ("<config>", FROZEN)}
     actual = checksums(restored.state, restored.data)
     bad = sorted(k for k in expected.keys() | actual.keys()
                  if expected.get(k) != actual.get(k))
     if bad:
       raise ChecksumMismatch(f"checksum mismatch in {', '.join(bad[:3])}"
                        + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
-    return restored.state, restored.data
+    return restored.state, restored.data, restored.checksums.get(FROZEN)
+
+  def _frozen_checksum(self, state) -> dict[str, int]:
+    """{'<frozen>': one CRC-32 over the frozen parameters} (computed once: they never
+    change), so a resume can tell that the pretrained weights it loaded are the same."""
+    if not getattr(state, "frozen", None):
+      return {}
+    if self._frozen_crc is None:
+      crc = 0
+      for leaf in jax.tree.leaves(state.frozen):  # one array on the host at a time
+        crc = zlib.crc32(np.ascontiguousarray(jax.device_get(leaf)), crc)
+      self._frozen_crc = crc
+    return {FROZEN: self._frozen_crc}
 
   @contextlib.contextmanager
   def _write_errors(self):

@@ -173,6 +173,10 @@ class _TrainLog:
   def stepped(self) -> None:
     self.window_steps += 1
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves time spent off the train step (evaluation, samples) out of the rates."""
+    self.window_start += seconds
+
   def hold(self, step: int, metrics) -> None:
     self.flush()
     self.pending = (step, metrics)
@@ -227,7 +231,9 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
   log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys)
   last_eval = {}
   if start == 0 and tcfg.get("eval_at_start", False):  # e.g. a pretrained model, untuned
+    t_eval = time.perf_counter()
     writer.write(0, "val", run.evaluate())
+    log.exclude(time.perf_counter() - t_eval)
   state, previous = run.state, None
   check = lambda metrics, step: guard.check(metrics, step, tcfg.nan_policy, run.checkpointer)
   for step in range(start, total):
@@ -250,12 +256,14 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
       check(metrics, done)  # never evaluate or checkpoint after an unchecked step
     if at_eval:
       log.flush()
+      t_eval = time.perf_counter()
       last_eval = run.evaluate()
       writer.write(done, "val", last_eval)
       family.write_samples(state, done, run.workdir)
       plot_curves(run.workdir, family.plot_keys)
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()),
                 file=sys.stderr)
+      log.exclude(time.perf_counter() - t_eval)
     if done % tcfg.checkpoint_every == 0 or done == total or stop:
       run.checkpointer.save(done, state, data_state, config_dict)
     if stop:

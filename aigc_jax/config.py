@@ -69,13 +69,29 @@ def save_config(cfg, workdir: str) -> str:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run saved in its workdir."""
+  """The config a run saved in its workdir; settings added to its family since the run
+  was saved take their defaults (which keep the old behaviour)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
                     "(aigc-jax train --config ... --workdir DIR writes it)")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  if isinstance(saved, dict) and isinstance(saved.get("family"), str):
+    from aigc_jax.families import get_family_module
+    saved = _with_missing_keys(saved, get_family_module(saved["family"]).default_config()
+                               .to_dict())
+  return ml_collections.ConfigDict(saved)
+
+
+def _with_missing_keys(saved: dict, defaults: dict) -> dict:
+  out = dict(saved)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_missing_keys(out[key], value)
+  return out
 
 
 def differing_fields(old, new, prefix: str = "") -> list[str]:

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from aigc_jax.models.transformer import Transformer, TransformerConfig
@@ -48,6 +49,7 @@ def test_lm_formula_matches_a_hand_count_and_the_models_matmuls():
   assert counted == B * T * (forward + L * 2 * 2 * T * N * H / 2)
 
 
+@pytest.mark.sharded
 def test_tiny_preset_writes_json_markdown_and_plot(tmp_path):
   out = tmp_path / "bench.json"
   results = run.main(["--preset", "tiny", "--out", str(out), "--torch", "off"])

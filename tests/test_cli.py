@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import TINY_CONFIG, run_cli
 
 
+@pytest.mark.sharded
 def test_train_resume_sample_eval(tmp_path):
   workdir = str(tmp_path / "run")
   first = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,

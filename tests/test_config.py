@@ -1,7 +1,7 @@
 import ml_collections
 import pytest
 
-from aigc_jax.config import config_from_file, differing_fields
+from aigc_jax.config import config_from_file, differing_fields, load_config, save_config
 from aigc_jax.errors import UserError
 from aigc_jax.train.loop import prepare_config
 from tests.conftest import TINY_CONFIG
@@ -18,6 +18,7 @@ def test_tiny_config_is_valid(tiny_config):
     ("model.dtype", "float64", "'model.dtype' must be one of"),
     ("model.attention", "flash", "'model.attention' must be one of"),
     ("model.dropout", 1.5, "'model.dropout'"),
+    ("model.logits_chunk", -1, "'model.logits_chunk' must be >= 0"),
     ("data.name", "imagenet", "'data.name'"),
     ("data.path", "/no/such/file.txt", "does not exist"),
     ("train.batch_size", 0, "'train.batch_size' must be positive"),
@@ -54,3 +55,15 @@ def test_overrides_and_diffs():
     config_from_file(TINY_CONFIG, {"train.step": 7})
   other = config_from_file(TINY_CONFIG, {"model.num_layers": 5})
   assert differing_fields(cfg.model, other.model) == ["num_layers: 2 -> 5"]
+
+
+def test_a_saved_config_from_before_a_new_setting_loads_with_its_default(tiny_config,
+                                                                          tmp_path):
+  """A run saved by an older version (no `model.logits_chunk`) still samples and resumes."""
+  with tiny_config.unlocked():
+    del tiny_config.model["logits_chunk"]
+  save_config(tiny_config, str(tmp_path))
+  loaded = load_config(str(tmp_path))
+  assert loaded.model.logits_chunk == 0
+  assert loaded.model.embed_dim == tiny_config.model.embed_dim
+  assert "logits_chunk" not in (tmp_path / "config.json").read_text()

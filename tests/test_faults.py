@@ -20,7 +20,7 @@ from aigc_jax.train import Checkpointer
 from tests.conftest import GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
 from tests.test_train import _final_params
 
-STEPS, EVERY = 120, 2
+STEPS, EVERY = 40, 2
 TRAIN = """
 import json, sys
 from aigc_jax.config import config_from_file

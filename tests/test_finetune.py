@@ -49,6 +49,7 @@ def _leaves_by_path(tree, prefix=""):
   return out
 
 
+@pytest.mark.sharded
 def test_lora_sft_trains_only_adapters_and_lowers_held_out_loss(pretrained, tmp_path):
   directory, base, _ = pretrained
   config = _config(directory)
@@ -78,6 +79,7 @@ def test_lora_sft_trains_only_adapters_and_lowers_held_out_loss(pretrained, tmp_
     open_run(config, str(tmp_path), for_training=True)
 
 
+@pytest.mark.sharded
 def test_frozen_patterns_stay_bit_identical_in_full_fine_tuning(pretrained, tmp_path):
   directory, base, _ = pretrained
   config = _config(directory, **{"lora.rank": 0, "train.steps": 3, "train.eval_at_start": False,
@@ -111,6 +113,7 @@ def test_sft_masks_the_prompt_and_uses_the_chat_template(pretrained, tmp_path):
   assert response.endswith("<|im_end|>\n") and "<|im_start|>" not in response
 
 
+@pytest.mark.sharded
 def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
   directory, _, _ = pretrained
   workdir, out = tmp_path / "run", tmp_path / "export"
@@ -132,6 +135,7 @@ def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
   assert "=== prompt 0 ===\ndef add(a, b):\n=== reply ===\n" in sample.stdout
 
 
+@pytest.mark.sharded
 def test_classifier_head_trains_with_lora(pretrained, tmp_path):
   pytest.importorskip("sklearn", reason="the TF-IDF baseline needs scikit-learn (dev extra)")
   from aigc_jax.data.sentiment import find_archive
@@ -178,3 +182,25 @@ def test_lora_model_logits_equal_base_at_init(pretrained, tmp_path):
   np.testing.assert_array_equal(np.asarray(run.family.model(run.state)(tokens)),
                                 np.asarray(base(tokens)))
   assert isinstance(run.family.model(run.state), nnx.Module)
+
+
+def test_micro_batches_are_weighted_by_their_response_tokens(pretrained):
+  """With gradient accumulation, the SFT loss is still the mean over every response token
+  of the batch (micro-batches hold different numbers of them)."""
+  from aigc_jax.families.finetune import Family
+
+  results = []
+  for accum in (1, 4):
+    family = Family(_config(pretrained[0], **{"train.grad_accum_steps": accum}), None)
+    state = family.load_weights(jax.jit(family.init_state)(jax.random.PRNGKey(0)))
+    batch = next(family.train_data)
+    new_state, metrics = jax.jit(family.train_step)(state, batch)
+    results.append((new_state.params, metrics))
+  (p1, m1), (p4, m4) = results
+  tokens = batch["mask"].reshape(2, 4, -1).sum(axis=(0, 2))  # per micro-batch (rows i::4)
+  assert len(set(tokens.tolist())) > 1, tokens  # the micro-batches differ
+  np.testing.assert_allclose(m4["loss_weight"], batch["mask"].sum())
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)

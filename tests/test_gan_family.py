@@ -85,6 +85,7 @@ def test_images_of_the_wrong_shape_for_the_model(gan_config):
     next(Family(gan_config, None).train_data)
 
 
+@pytest.mark.sharded
 def test_cli_train_sample_eval(tmp_path):
   workdir = str(tmp_path / "gan")
   trained = run_cli("train", "--config", GAN_CONFIG, "--workdir", workdir)

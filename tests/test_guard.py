@@ -67,6 +67,7 @@ def _diverging(tiny_config, policy):
   return tiny_config
 
 
+@pytest.mark.sharded
 def test_abort_names_the_step_and_leaves_the_checkpoint_intact(tmp_path, tiny_config):
   with pytest.raises(guard.NonFiniteLoss, match=r"step \d+: the loss or gradients are not "
                      r"finite.*(intact|no checkpoint)") as error:
@@ -75,6 +76,7 @@ def test_abort_names_the_step_and_leaves_the_checkpoint_intact(tmp_path, tiny_co
   assert all(s < error.value.step for s in steps)
 
 
+@pytest.mark.sharded
 def test_skip_finishes_with_finite_parameters_and_counts(tmp_path, tiny_config):
   train(_diverging(tiny_config, "skip"), str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

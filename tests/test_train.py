@@ -20,6 +20,7 @@ def unigram_entropy(ids: np.ndarray) -> float:
   return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.sharded
 def test_validation_loss_falls_well_below_unigram_entropy(tmp_path):
   cfg = config_from_file(TINY_CONFIG, {"train.steps": 300, "train.eval_every": 300,
                                        "train.checkpoint_every": 300, "train.log_every": 10})
@@ -33,6 +34,7 @@ def test_validation_loss_falls_well_below_unigram_entropy(tmp_path):
   assert summary["val_bits_per_byte"] == pytest.approx(summary["val_loss"] / np.log(2), rel=1e-6)
 
 
+@pytest.mark.sharded
 def test_a_single_batch_can_be_overfit(tiny_config):
   tiny_config.optim.update(lr=1e-2, warmup_steps=10, weight_decay=0.0)
   tiny_config.train.steps = 150
@@ -45,6 +47,7 @@ def test_a_single_batch_can_be_overfit(tiny_config):
   assert float(metrics["loss"]) < 0.1
 
 
+@pytest.mark.sharded
 def test_train_step_compiles_once(tiny_config):
   family = Family(tiny_config, None)
   traces = []
@@ -61,6 +64,7 @@ def test_train_step_compiles_once(tiny_config):
   assert len(traces) == 1 and int(state.step) == 4
 
 
+@pytest.mark.sharded
 def test_gradient_accumulation_matches_one_big_batch(tiny_config):
   results = []
   for accum in (1, 4):
@@ -126,7 +130,8 @@ train(cfg, workdir, progress=False)
 """
 # Dropout on (LM) and BatchNorm statistics + EMA (GAN): every kind of state must resume.
 # Evaluation (FID) is not part of the state, so it is left out to keep the test short.
-RESUME_CASES = [(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}),
+RESUME_CASES = [pytest.param(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0},
+                             marks=pytest.mark.sharded),
                 (GAN_CONFIG, {"fid.samples": 0}),
                 (VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0})]  # binarization: step rng
 
@@ -155,6 +160,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, config, overrides):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.sharded
 def test_resume_with_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.train.steps = 2
   train(tiny_config, str(tmp_path), progress=False)
@@ -170,6 +176,7 @@ def test_unwritable_workdir(tmp_path, tiny_config):
     train(tiny_config, str(blocker / "run"), progress=False)
 
 
+@pytest.mark.sharded
 def test_metrics_of_every_logged_step_are_recorded(tmp_path, tiny_config):
   summary = train(tiny_config, str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -184,6 +191,18 @@ def test_metrics_of_every_logged_step_are_recorded(tmp_path, tiny_config):
     assert (tmp_path / path).exists(), path
   assert os.listdir(tmp_path / "tensorboard")
   assert Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [10, 20]
+
+
+@pytest.mark.sharded
+def test_every_record_has_a_step_rate_when_each_step_is_logged(tmp_path, tiny_config):
+  # A record written at an evaluation right after the previous step's record once got a
+  # rate of 0 (no step dispatched in between).
+  tiny_config.train.update(steps=4, log_every=1, eval_every=2, checkpoint_every=4)
+  tiny_config.sample.num = 0
+  train(tiny_config, str(tmp_path), progress=False)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  rates = {r["step"]: r["steps_per_sec"] for r in records if r["split"] == "train"}
+  assert sorted(rates) == [1, 2, 3, 4] and all(r > 0 for r in rates.values()), rates
 
 
 def test_bpe_run_saves_its_tokenizer_and_counts_bytes(tmp_path, tiny_config):

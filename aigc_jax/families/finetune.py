@@ -37,7 +37,7 @@ from aigc_jax.nn.linear import Linear, add_lora, merge_lora
 from aigc_jax.train import guard, partition
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
-from aigc_jax.train.steps import make_supervised_step
+from aigc_jax.train.steps import LOSS_WEIGHT, make_supervised_step
 
 TASKS = ("sft", "classify")
 FORMATS = ("gguf", "hf")
@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.pretrained = dict(format="gguf", path="")
   # Runtime settings of the pretrained architecture (its shape comes from the file).
   c.model = dict(dtype="float32", attention="auto", remat=False, dropout=0.0,
-                 max_seq_len=0)  # 0: the file's context length
+                 max_seq_len=0,  # 0: the file's context length
+                 # SFT logits made this many positions at a time (0: all; nn.cross_entropy)
+                 logits_chunk=64)
   # rank 0: no adapters (full or pattern-frozen fine-tuning).
   c.lora = dict(rank=8, alpha=16.0, dropout=0.05, targets=LORA_ALL_LINEAR)
   c.task = dict(name="sft", num_classes=2)
@@ -93,6 +95,7 @@ def validate(c) -> None:
                    "train.grad_accum_steps", "train.log_every", "train.eval_every",
                    "train.checkpoint_every", "train.keep_checkpoints", "optim.lr")
   require(task.num_classes >= 2, "task.num_classes", "must be at least 2")
+  require(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0: all positions at once)")
   require(c.lora.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")
   require(c.lora.rank == 0 or len(c.lora.targets) > 0, "lora.targets",
           "must name at least one layer pattern when lora.rank > 0")
@@ -156,7 +159,7 @@ class Family:
     self.task = c.task.name
     self.plot_keys = ("loss", "accuracy") if self.task == "classify" else ("loss",)
     overrides = dict(dtype=c.model.dtype, attention=c.model.attention, remat=c.model.remat,
-                     dropout=c.model.dropout)
+                     dropout=c.model.dropout, logits_chunk=c.model.logits_chunk)
     if c.model.max_seq_len:
       overrides["max_seq_len"] = c.model.max_seq_len
     self._overrides = overrides
@@ -311,33 +314,31 @@ class Family:
     return self._eval_batches
 
   # --- objectives -------------------------------------------------------------------
-  def _forward(self, model, batch, deterministic, rngs):
-    if self.task == "classify":
-      return model(batch["tokens"], batch["lengths"], deterministic=deterministic, rngs=rngs)
-    return model(batch["inputs"], deterministic=deterministic, rngs=rngs)
-
   def _loss(self, model, batch, rng, step):
     del step
     c = self.config
     deterministic = c.model.dropout == 0 and (c.lora.rank == 0 or c.lora.dropout == 0)
     rngs = None if deterministic else nnx.Rngs(dropout=rng)
-    logits = self._forward(model, batch, deterministic, rngs)
     if self.task == "classify":
+      logits = model(batch["tokens"], batch["lengths"], deterministic=deterministic, rngs=rngs)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
       accuracy = (logits.argmax(-1) == batch["labels"]).mean()
       return loss, {"accuracy": accuracy}
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    tokens = jnp.maximum(batch["mask"].sum(), 1.0)
-    return (nll_BT * batch["mask"]).sum() / tokens, {"response_tokens": tokens}
+    nll_sum = model.nll_sum(batch["inputs"], batch["targets"], batch["mask"],
+                            deterministic=deterministic, rngs=rngs)
+    tokens = batch["mask"].sum()
+    # loss_weight: micro-batches count by their response tokens (train.steps.LOSS_WEIGHT)
+    return nll_sum / jnp.maximum(tokens, 1.0), {LOSS_WEIGHT: tokens}
 
   def eval_step(self, state: TrainState, batch) -> dict:
-    logits = self._forward(self.model(state), batch, True, None)
+    model = self.model(state)
     if self.task == "classify":
+      logits = model(batch["tokens"], batch["lengths"])
       nll_B = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
       return {"nll_sum": nll_B.sum(), "correct": (logits.argmax(-1) == batch["labels"]).sum(),
               "count": jnp.float32(nll_B.size)}
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return {"nll_sum": (nll_BT * batch["mask"]).sum(), "count": batch["mask"].sum()}
+    return {"nll_sum": model.nll_sum(batch["inputs"], batch["targets"], batch["mask"]),
+            "count": batch["mask"].sum()}
 
   def summarize_eval(self, sums: dict) -> dict:
     loss = sums["nll_sum"] / sums["count"]

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from aigc_jax.config import require, require_positive
@@ -46,7 +45,8 @@ def default_config() -> ml_collections.ConfigDict:
       dropout=0.0, tie_embeddings=True, rope_base=10000.0, norm_eps=1e-6,
       dtype="float32",  # compute dtype; parameters are always float32
       attention="auto",  # auto (cudnn on GPU, einsum elsewhere) | einsum | xla | cudnn | jax
-      remat=False)
+      remat=False,
+      logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(
       name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds
       path="", val_path="", val_fraction=0.05,
@@ -75,6 +75,7 @@ def validate(c) -> None:
                    "train.eval_every", "train.eval_batches", "train.checkpoint_every",
                    "train.keep_checkpoints", "optim.lr")
   require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the tokenizer)")
+  require(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0: all positions at once)")
   require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0: embed_dim // num_heads)")
   require(m.max_seq_len >= 0, "model.max_seq_len", "must be >= 0 (0: data.seq_len)")
   require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
@@ -186,15 +187,17 @@ class Family:
   def _loss(self, model, batch, rng, step):
     del step  # the LM's loss follows no schedule
     deterministic = self.model_cfg.dropout == 0
-    logits_BTV = model(batch["inputs"], deterministic=deterministic,
-                       rngs=None if deterministic else nnx.Rngs(dropout=rng))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]).mean()
+    targets_BT = batch["targets"]
+    loss = model.nll_sum(batch["inputs"], targets_BT, jnp.ones(targets_BT.shape),
+                         deterministic=deterministic,
+                         rngs=None if deterministic else nnx.Rngs(dropout=rng)) / targets_BT.size
     return loss, {"perplexity": jnp.exp(loss)}
 
   def eval_step(self, state: TrainState, batch) -> dict:
-    logits_BTV = self.model(state.params)(batch["inputs"])
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    return {"nll_sum": nll_BT.sum(), "tokens": jnp.float32(nll_BT.size),
+    targets_BT = batch["targets"]
+    nll_sum = self.model(state.params).nll_sum(batch["inputs"], targets_BT,
+                                               jnp.ones(targets_BT.shape))
+    return {"nll_sum": nll_sum, "tokens": jnp.float32(targets_BT.size),
             "bytes": self._byte_lengths[batch["targets"]].sum().astype(jnp.float32)}
 
   def summarize_eval(self, sums: dict) -> dict:

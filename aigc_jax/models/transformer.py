@@ -12,10 +12,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
+from aigc_jax.nn.cross_entropy import linear_cross_entropy
 from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
 from aigc_jax.nn.linear import Linear
@@ -48,6 +50,9 @@ class TransformerConfig:
   dtype: str = "float32"
   attention: str = "auto"
   remat: bool = False
+  # Training/evaluation losses form [B, logits_chunk, V] logits at a time (0: all T at
+  # once); see nn.cross_entropy. Worth it when V is large.
+  logits_chunk: int = 0
 
   @property
   def resolved_head_dim(self) -> int:
@@ -156,7 +161,7 @@ class Transformer(nnx.Module):
     """
     h_BTD, new_cache = self._trunk(tokens_BT, positions_BT, cache, cache_index, start_B,
                                    deterministic, rngs)
-    logits_BTV = self.logits(h_BTD)
+    logits_BTV = self.logits(h_BTD, deterministic=deterministic, rngs=rngs)
     return logits_BTV if cache is None else (logits_BTV, new_cache)
 
   def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
@@ -165,13 +170,31 @@ class Transformer(nnx.Module):
     the output layer reads: the features for a task head."""
     return self._trunk(tokens_BT, positions_BT, None, None, None, deterministic, rngs)[0]
 
-  def logits(self, h_BTD: jax.Array) -> jax.Array:
+  def nll_sum(self, tokens_BT: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
+              deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """sum over [B, T] of weights * -log p(target | tokens up to t), float32 (the
+    logits made `cfg.logits_chunk` positions at a time when set)."""
+    h_BTD = self.hidden_states(tokens_BT, deterministic=deterministic, rngs=rngs)
+    head = None if self.cfg.tie_embeddings else self.lm_head
+    # An adapter with dropout on the output layer cannot be merged into one matrix.
+    head_dropout = (head is not None and head.lora is not None and not deterministic
+                    and head.lora.dropout.rate > 0)
+    if self.cfg.logits_chunk and not head_dropout:
+      w_DV = (self.embed.embedding[...].astype(DTYPES[self.cfg.dtype]).T if head is None
+              else head.merged_kernel())
+      return linear_cross_entropy(h_BTD, w_DV, targets_BT, weights_BT, self.cfg.logits_chunk)
+    logits_BTV = self.logits(h_BTD, deterministic=deterministic, rngs=rngs)
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+    return (nll_BT * weights_BT).sum()
+
+  def logits(self, h_BTD: jax.Array, *, deterministic: bool = True,
+             rngs: nnx.Rngs | None = None) -> jax.Array:
     """Hidden states [B, T, D] -> logits [B, T, V] float32."""
     dtype = DTYPES[self.cfg.dtype]
     if self.cfg.tie_embeddings:
       logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
     else:
-      logits_BTV = self.lm_head(h_BTD)
+      logits_BTV = self.lm_head(h_BTD, deterministic=deterministic, rngs=rngs)
     return logits_BTV.astype(jnp.float32)
 
   def _trunk(self, tokens_BT, positions_BT, cache, cache_index, start_B, deterministic, rngs):

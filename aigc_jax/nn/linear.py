@@ -59,6 +59,14 @@ class Linear(nnx.Module):
       y_NO = y_NO + self.lora(x_NI, deterministic, rngs)
     return y_NO
 
+  def merged_kernel(self) -> jax.Array:
+    """kernel [I, O] (+ alpha / r * a @ b with an adapter) in the compute dtype: the
+    matrix this layer multiplies by when its adapter's dropout is off."""
+    kernel = self.kernel[...]
+    if self.lora is not None:
+      kernel = kernel + self.lora.scale * (self.lora.a[...] @ self.lora.b[...])
+    return kernel.astype(self.dtype)
+
 
 def module_paths(model: nnx.Module, kind=Linear) -> dict[str, nnx.Module]:
   """{'blocks.0.attn.q_proj': module, ...}: every `kind` submodule by its dotted path."""

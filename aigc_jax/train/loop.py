@@ -26,6 +26,7 @@ from aigc_jax.families import get_family_module
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
+from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
 
 
@@ -90,7 +91,9 @@ class Run:
                      in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
                      out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
                      donate_argnums=0)
-    return jitted.lower(self.state, batch).compile()
+    compiled = jitted.lower(self.state, batch).compile()
+    release_free_memory()  # the compiler's working memory
+    return compiled
 
   def evaluate(self) -> dict[str, float]:
     """The family's metrics over all its eval batches (sums accumulated on device; one
@@ -106,6 +109,7 @@ class Run:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
     metrics = {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
+    release_free_memory()
     return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()}
 
 
@@ -132,6 +136,7 @@ def open_run(config, workdir: str, *, for_training: bool) -> Run:
   elif not for_training:
     raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
                     f"(aigc-jax train --config ... --workdir {workdir})")
+  release_free_memory()  # e.g. the random or host copies that pretrained weights replaced
   return Run(config, workdir, family, mesh, state, checkpointer, state_sharding)
 
 
@@ -163,19 +168,18 @@ def _stop_requests():
 
 class _TrainLog:
   """Writes step N's train metrics once step N+1 has been dispatched, so reading them
-  never stalls the device; rates are measured over the steps since the last record."""
+  never stalls the device; rates are the steps finished since the last record over the
+  time since it (reading step N's metrics waits for step N to finish)."""
 
-  def __init__(self, writer: MetricsWriter, items_per_step: dict, bar, shown: tuple):
+  def __init__(self, writer: MetricsWriter, items_per_step: dict, bar, shown: tuple,
+               start_step: int):
     self.writer, self.items_per_step, self.bar, self.shown = writer, items_per_step, bar, shown
     self.pending = None
-    self.window_start, self.window_steps = time.perf_counter(), 0
-
-  def stepped(self) -> None:
-    self.window_steps += 1
+    self.last_step, self.last_time = start_step, time.perf_counter()
 
   def exclude(self, seconds: float) -> None:
     """Leaves time spent off the train step (evaluation, samples) out of the rates."""
-    self.window_start += seconds
+    self.last_time += seconds
 
   def hold(self, step: int, metrics) -> None:
     self.flush()
@@ -188,8 +192,8 @@ class _TrainLog:
     self.pending = None
     values = jax.device_get(metrics)
     now = time.perf_counter()
-    rate = self.window_steps / max(now - self.window_start, 1e-9)
-    self.window_start, self.window_steps = now, 0
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
     rates = {"steps_per_sec": rate}
     rates.update({f"{k}_per_sec": v * rate for k, v in self.items_per_step.items()})
     record = self.writer.write(step, "train", {**values, **rates})
@@ -228,7 +232,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
   config_dict = config.to_dict()
   bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,
              disable=not (sys.stderr.isatty() if progress is None else progress))
-  log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys)
+  log = _TrainLog(writer, family.items_per_step, bar, family.plot_keys, start)
   last_eval = {}
   if start == 0 and tcfg.get("eval_at_start", False):  # e.g. a pretrained model, untuned
     t_eval = time.perf_counter()
@@ -239,7 +243,6 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
   for step in range(start, total):
     state, metrics = step_fn(state, batch)  # dispatched; runs asynchronously
     run.state = state
-    log.stepped()
     done = step + 1
     if previous is not None:
       check(previous, done - 1)  # the previous step, finished while this one runs

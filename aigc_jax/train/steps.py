@@ -13,7 +13,11 @@ from aigc_jax.train.partition import join
 from aigc_jax.train.state import TrainState
 
 # loss_fn(model, batch, rng, step) -> (scalar loss, dict of scalar metrics); `step` (int32
-# scalar) lets a loss follow a schedule (e.g. a VAE's KL warm-up).
+# scalar) lets a loss follow a schedule (e.g. a VAE's KL warm-up). A loss that is a mean
+# over a batch-dependent count (tokens under a mask) reports that count as the metric
+# LOSS_WEIGHT, so that micro-batches are weighted by it: the accumulated loss is then the
+# mean over the whole batch, as without accumulation.
+LOSS_WEIGHT = "loss_weight"
 # optax.tree.norm replaced optax.global_norm (deprecated) in newer optax releases.
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
@@ -55,14 +59,19 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
         i, mb = inputs
         (loss, aux), grads = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, i),
                                      state.step)
-        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+        weight = aux.get(LOSS_WEIGHT, jnp.float32(1))
+        weighted = jax.tree.map(lambda x: weight * x, (loss, grads))
+        return jax.tree.map(jnp.add, carry, (*weighted, aux, weight)), None
 
       zero = jax.eval_shape(grad_fn, state.params, state.frozen,
                             jax.tree.map(lambda x: x[0], micro), rng, state.step)
       zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero)
-      zero = (zero[0][0], zero[0][1], zero[1])
-      total, _ = jax.lax.scan(accumulate, zero, (jnp.arange(grad_accum_steps), micro))
-      loss, aux, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
+      zero = (zero[0][0], zero[1], zero[0][1], jnp.float32(0))
+      (loss, grads, aux, weight), _ = jax.lax.scan(
+          accumulate, zero, (jnp.arange(grad_accum_steps), micro))
+      weight = jnp.where(weight > 0, weight, 1.0)  # nothing counted: zero loss and grads
+      loss, grads = jax.tree.map(lambda x: x / weight, (loss, grads))
+      aux = {k: v if k == LOSS_WEIGHT else v / grad_accum_steps for k, v in aux.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": _tree_norm(grads),

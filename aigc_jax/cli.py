@@ -15,6 +15,7 @@ Problems a user can fix print one line and exit with status 2 (--verbose: traceb
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -39,7 +40,12 @@ def _define_flags(command: str) -> None:
     config_flags.DEFINE_config_file("config", None, "Config file exposing get_config().",
                                     lock_config=True)
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
-                      "(multi-host runs: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS set).")
+                      "(multi-process runs: TPU pods and SLURM are detected; elsewhere give "
+                      "--coordinator_address, --num_processes and --process_id).")
+    flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of "
+                        "process 0 (default: $JAX_COORDINATOR_ADDRESS or detected).")
+    flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the run.")
+    flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
   elif command == "sample":
     flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for several prompts).")
     flags.DEFINE_integer("num", None, "LM: samples per prompt; GAN: images in the grid "
@@ -63,9 +69,15 @@ def _run(command: str) -> None:
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
   if command in ("train", "finetune"):
+    cluster = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+               if FLAGS[name].value is not None]
+    if cluster and not FLAGS.distributed:
+      raise UserError(f"{', '.join(cluster)} set without --distributed: add --distributed")
     if FLAGS.distributed:
       import jax
-      jax.distributed.initialize()  # cluster settings are detected from the environment
+      # Unset settings are detected from the environment (SLURM, TPU pods, ...).
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                 FLAGS.process_id)
     from aigc_jax.train import train
     try:
       config = FLAGS.config
@@ -107,6 +119,29 @@ EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run resumes
 
 
+class _OneLineLogs(std_logging.Filter):
+  """Without --verbose: a failure that aigc_jax reports itself (a checkpoint that could not
+  be written) is not logged again by Orbax's writer threads, and other log records lose
+  their tracebacks."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    orbax = f"{os.sep}orbax{os.sep}"
+    # Orbax's own records, and asyncio's about Orbax's tasks ("exception never retrieved").
+    if record.levelno >= std_logging.ERROR and (orbax in record.pathname
+                                                or orbax in record.getMessage()):
+      return False
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _quiet_background_failures() -> None:
+  for handler in (*std_logging.getLogger().handlers, logging.get_absl_handler()):
+    handler.addFilter(_OneLineLogs())
+  # Exceptions in callbacks that cannot raise (Orbax's write callbacks on an event loop
+  # already closed after a failed save): not printed.
+  sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -129,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
   def entry(_):
     if not flags.FLAGS.verbose:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
+      _quiet_background_failures()
     from aigc_jax.train.loop import Preempted
     try:
       _run(command)

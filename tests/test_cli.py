@@ -47,6 +47,8 @@ def test_user_errors_are_one_line_with_status_2(tmp_path):
       (["train", "--config", "configs/none.py", "--workdir", str(tmp_path / "d")],
        "cannot load --config"),
       (["eval", "--workdir", str(tmp_path / "missing")], "no config.json"),
+      (["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "e"),
+        "--num_processes=2"], "--num_processes set without --distributed"),
   ]
   for args, message in cases:
     proc = run_cli(*args)

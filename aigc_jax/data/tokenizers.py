@@ -5,6 +5,7 @@ Both round-trip exactly: decode(encode(text)) == text for any str.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -35,7 +36,8 @@ class ByteTokenizer:
     return np.ones(self.vocab_size, np.int32)
 
   def save(self, directory: str) -> None:
-    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+    with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp, \
+        open(tmp, "w") as f:
       json.dump({"kind": self.kind}, f)
 
 
@@ -100,7 +102,17 @@ class BpeTokenizer:
     return lengths
 
   def save(self, directory: str) -> None:
-    self._tok.save(os.path.join(directory, "tokenizer.json"))
+    with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp:
+      self._tok.save(tmp)
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: str):
+  """Yields a temporary name to write; it then replaces `path` in one step, so a reader
+  (another process of the run) never sees half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  yield tmp
+  os.replace(tmp, path)
 
 
 def load_tokenizer(directory: str):

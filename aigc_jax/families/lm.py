@@ -153,7 +153,7 @@ class Family:
     else:
       tok = BpeTokenizer.train((t for _, t in self._documents[0]),
                                self.config.data.bpe_vocab_size)
-    if self.workdir:
+    if self.workdir and jax.process_index() == 0:  # every process trains the same one
       tok.save(self.workdir)
     return tok
 

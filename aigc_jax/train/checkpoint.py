@@ -92,7 +92,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
-        if isinstance(e, ChecksumMismatch):
+        if isinstance(e, ChecksumMismatch) and jax.process_index() == 0:
           os.replace(os.path.join(self.directory, str(candidate)),
                      os.path.join(self.directory, f"{candidate}.damaged"))
           self._manager.reload()

@@ -7,12 +7,10 @@ writes samples, checkpoints asynchronously and resumes from the newest checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
 import sys
-import threading
 import time
 
 import jax
@@ -28,6 +26,7 @@ from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
+from aigc_jax.train.preemption import StopRequests, stop_requests
 
 
 def prepare_config(config):
@@ -48,7 +47,7 @@ def prepare_workdir(workdir: str) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -149,23 +148,6 @@ class Preempted(Exception):
     self.step, self.signum = step, signum
 
 
-@contextlib.contextmanager
-def _stop_requests():
-  """Turns SIGTERM/SIGINT into a request the loop honours between steps (main thread
-  only; elsewhere signals keep their handlers)."""
-  requested: list[int] = []
-  if threading.current_thread() is not threading.main_thread():
-    yield requested
-    return
-  previous = {s: signal.signal(s, lambda signum, _: requested.append(signum))
-              for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield requested
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-
-
 class _TrainLog:
   """Writes step N's train metrics once step N+1 has been dispatched, so reading them
   never stalls the device; rates are the steps finished since the last record over the
@@ -200,14 +182,25 @@ class _TrainLog:
     self.bar.set_postfix({k: f"{record[k]:.4f}" for k in self.shown if k in record})
 
 
+def _write_samples(run: Run, state, step: int) -> None:
+  """The family's samples of `step`; with several processes the first one writes them,
+  from a host copy of the (replicated) state, so the others need not take part."""
+  if jax.process_count() == 1:
+    run.family.write_samples(state, step, run.workdir)
+  elif jax.process_index() == 0:
+    run.family.write_samples(jax.device_get(state), step, run.workdir)
+
+
 def train(config, workdir: str, *, progress: bool | None = None) -> dict:
   """Trains (or resumes) the run in `workdir` to `config.train.steps`; returns a summary
   with the final evaluation."""
   run = open_run(config, workdir, for_training=True)
-  config_lib.save_config(config, run.workdir)
-  writer = MetricsWriter(run.workdir)
+  primary = jax.process_index() == 0  # with several processes, one writes the files
+  if primary:
+    config_lib.save_config(config, run.workdir)
+  writer = MetricsWriter(run.workdir, enabled=primary)
   try:
-    with _stop_requests() as stop:
+    with stop_requests() as stop:
       return _run_steps(run, writer, progress, stop)
   finally:
     try:
@@ -216,7 +209,8 @@ def train(config, workdir: str, *, progress: bool | None = None) -> dict:
       writer.close()
 
 
-def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: list) -> dict:
+def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
+               stop: StopRequests) -> dict:
   family, mesh, config = run.family, run.mesh, run.config
   tcfg, total = config.train, config.train.steps
   start = int(jax.device_get(run.state.step))
@@ -255,23 +249,25 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None, stop: lis
       log.hold(done, metrics)
     bar.update(1)
     at_eval = done % tcfg.eval_every == 0 or done == total
-    if at_eval or done % tcfg.checkpoint_every == 0 or stop:
+    stopping = stop.requested(done)
+    if at_eval or done % tcfg.checkpoint_every == 0 or stopping:
       check(metrics, done)  # never evaluate or checkpoint after an unchecked step
     if at_eval:
       log.flush()
       t_eval = time.perf_counter()
       last_eval = run.evaluate()
       writer.write(done, "val", last_eval)
-      family.write_samples(state, done, run.workdir)
-      plot_curves(run.workdir, family.plot_keys)
+      _write_samples(run, state, done)
+      if writer.enabled:
+        plot_curves(run.workdir, family.plot_keys)
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()),
                 file=sys.stderr)
       log.exclude(time.perf_counter() - t_eval)
-    if done % tcfg.checkpoint_every == 0 or done == total or stop:
+    if done % tcfg.checkpoint_every == 0 or done == total or stopping:
       run.checkpointer.save(done, state, data_state, config_dict)
-    if stop:
+    if stopping:
       log.flush()
       bar.close()
-      raise Preempted(done, stop[0])
+      raise Preempted(done, stop.signum)
   bar.close()
   return {**summary, **last_eval, "steps": total}

@@ -39,9 +39,14 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch
 
 
 def put_batch(batch, mesh: Mesh):
-  """Host arrays (this process's share of the global batch) -> global sharded arrays."""
+  """Host arrays of the whole global batch (every process builds the same one from the
+  shared seed) -> global arrays sharded over 'data'; each process places only the rows of
+  its own devices."""
   sharding = batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), batch)
 
 
 def put_replicated(tree, mesh: Mesh):

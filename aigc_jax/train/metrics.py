@@ -12,10 +12,14 @@ import numpy as np
 class MetricsWriter:
   """Appends {"step", "split", **metrics} records to `metrics.jsonl` and TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, enabled: bool = True):
+    """enabled=False: records are formed but not written (a run's other processes)."""
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._file = self._tb = None
+    if not enabled:
+      return
     self._file = open(self.path, "a")
-    self._tb = None
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -25,6 +29,8 @@ class MetricsWriter:
   def write(self, step: int, split: str, metrics: dict) -> dict:
     record = {"step": int(step), "split": split}
     record.update({k: _to_python(v) for k, v in metrics.items()})
+    if not self.enabled:
+      return record
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -34,7 +40,8 @@ class MetricsWriter:
     return record
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -1,0 +1,61 @@
+"""Stopping on request between steps: SIGTERM/SIGINT on one process, JAX's preemption sync
+point across several.
+
+With several processes, each must stop after the same step (the others would wait
+forever in the step's collectives): JAX's coordination service catches SIGTERM on any
+process (installed by `jax.distributed.initialize`) and `reached_preemption_sync_point`
+answers True on every process at the same step. SIGINT (Ctrl-C) is turned into a SIGTERM
+of the process so it takes the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+import jax
+
+
+class StopRequests:
+  """`requested(step)`: whether to checkpoint and stop after `step` (called once per
+  step, in order, on every process); `signum`: the signal that asked."""
+
+  def __init__(self, multi_process: bool):
+    self.multi_process = multi_process
+    self.signum: int | None = None
+
+  def _on_signal(self, signum, _frame) -> None:
+    if self.multi_process:
+      self.signum = signum
+      os.kill(os.getpid(), signal.SIGTERM)  # to the coordination service's notifier
+    elif self.signum is None:
+      self.signum = signum
+
+  def requested(self, step: int) -> bool:
+    if not self.multi_process:
+      return self.signum is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM
+      return True
+    return False
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Installs the handlers for the duration of a run (main thread only; elsewhere
+  signals keep their handlers)."""
+  stop = StopRequests(multi_process=jax.process_count() > 1)
+  if threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+  # With several processes SIGTERM stays with JAX's notifier; SIGINT is forwarded to it.
+  signals = (signal.SIGINT,) if stop.multi_process else (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.signal(s, stop._on_signal) for s in signals}
+  try:
+    yield stop
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)

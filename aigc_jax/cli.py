@@ -4,7 +4,8 @@
   aigc-jax finetune --config configs/ft_sft_smollm2.py --workdir runs/sft  (train, for
                   fine-tuning configs)
   aigc-jax sample --workdir runs/lm [--prompt TEXT] [--num N] [--max-new-tokens N]
-                  [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                  [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
+                  [--seed S]
   aigc-jax eval --workdir runs/lm
   aigc-jax export --workdir runs/sft --format safetensors --out DIR [--dtype bfloat16]
                   (a fine-tuned model, adapters merged, as a Hugging Face Llama folder)
@@ -54,6 +55,8 @@ def _define_flags(command: str) -> None:
     flags.DEFINE_float("temperature", None, "Sampling temperature (0: greedy).")
     flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0: all).")
     flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1.0: all).")
+    flags.DEFINE_float("repetition-penalty", None, "Penalty on ids already in the prompt or "
+                       "output (1.0: none; 1.1-1.3 curbs greedy loops).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
   elif command == "export":
     flags.DEFINE_enum("format", "safetensors", EXPORT_FORMATS, "Export format.")
@@ -111,7 +114,7 @@ def _run(command: str) -> None:
   # the ones it understands.
   options = {name.replace("-", "_"): FLAGS[name].value
              for name in ("prompt", "num", "max-new-tokens", "temperature", "top-k", "top-p",
-                          "seed")}
+                          "repetition-penalty", "seed")}
   print(run.family.cli_sample(run.state, run.workdir, options))
 
 

@@ -19,6 +19,7 @@ def test_tiny_config_is_valid(tiny_config):
     ("model.attention", "flash", "'model.attention' must be one of"),
     ("model.dropout", 1.5, "'model.dropout'"),
     ("model.logits_chunk", -1, "'model.logits_chunk' must be >= 0"),
+    ("sample.repetition_penalty", 0.0, "config 'sample': need temperature >= 0"),
     ("data.name", "imagenet", "'data.name'"),
     ("data.path", "/no/such/file.txt", "does not exist"),
     ("train.batch_size", 0, "'train.batch_size' must be positive"),

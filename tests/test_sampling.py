@@ -15,13 +15,18 @@ def model():
   return Transformer(CFG, rngs=nnx.Rngs(3))
 
 
-def greedy_reference(model, prompt, n):
+def greedy_reference(model, prompt, n, repetition_penalty=1.0):
   """Greedy decoding by full recomputation of the whole sequence at every step (right
-  padding to one fixed length is harmless: the model is causal)."""
+  padding to one fixed length is harmless: the model is causal); the repetition penalty
+  written out in NumPy."""
   seq = list(prompt)
   for _ in range(n):
     padded = jnp.zeros((1, 16), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
-    seq.append(int(jnp.argmax(_forward(model, padded)[0, len(seq) - 1])))
+    logits = np.asarray(_forward(model, padded)[0, len(seq) - 1], np.float32)
+    seen = np.isin(np.arange(len(logits)), seq)
+    logits = np.where(seen & (logits > 0), logits / repetition_penalty, logits)
+    logits = np.where(seen & (logits < 0), logits * repetition_penalty, logits)
+    seq.append(int(np.argmax(logits)))
   return seq[len(prompt):]
 
 
@@ -35,6 +40,19 @@ def test_greedy_generation_equals_full_recomputation_for_batched_prompts(model):
   out = generate(model, prompts, max_new_tokens=6, key=jax.random.PRNGKey(0), temperature=0)
   for p, o in zip(prompts, out, strict=True):
     assert list(o) == greedy_reference(model, p, 6)
+
+
+def test_repetition_penalty_equals_a_direct_computation_for_batched_prompts(model):
+  # Left padding (id 0) must not count as seen: the short prompts have padding before them.
+  prompts = [np.array([3, 4, 5, 6, 7]), np.array([9]), np.array([1, 2])]
+  plain = generate(model, prompts, max_new_tokens=8, key=jax.random.PRNGKey(0), temperature=0)
+  out = generate(model, prompts, max_new_tokens=8, key=jax.random.PRNGKey(0), temperature=0,
+                 repetition_penalty=3.0)
+  for p, o in zip(prompts, out, strict=True):
+    assert list(o) == greedy_reference(model, p, 8, repetition_penalty=3.0)
+  assert any(list(a) != list(b) for a, b in zip(plain, out, strict=True))  # it acts
+  repeats = lambda outs: sum(len(o) - len(set(o)) for o in outs)
+  assert repeats(out) < repeats(plain), (plain, out)
 
 
 def test_generation_stops_at_eos(model):
@@ -71,6 +89,7 @@ def test_sampling_is_seeded(model):
     ([np.arange(35) % 50], {"max_new_tokens": 10}, "context"),
     ([np.array([], np.int32)], {}, "at least one token"),
     ([np.array([1])], {"top_p": 0.0}, "top_p"),
+    ([np.array([1])], {"repetition_penalty": 0.0}, "repetition_penalty > 0"),
 ])
 def test_bad_generation_requests(model, prompts, kw, message):
   kw = {"max_new_tokens": 4, "key": jax.random.PRNGKey(0), **kw}

@@ -31,7 +31,7 @@ from flax import nnx
 from aigc_jax.config import require, require_positive
 from aigc_jax.data.batching import ExampleBatches
 from aigc_jax.errors import UserError
-from aigc_jax.models.sampling import generate
+from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling, generate
 from aigc_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DTYPES, Transformer
 from aigc_jax.nn.linear import Linear, add_lora, merge_lora
 from aigc_jax.train import guard, partition
@@ -77,12 +77,14 @@ def default_config() -> ml_collections.ConfigDict:
                  **guard.DEFAULTS)
   c.optim = dict(lr=2e-4, min_lr_ratio=0.1, warmup_steps=20, weight_decay=0.0, b1=0.9,
                  b2=0.999, eps=1e-8, grad_clip=1.0)
-  c.sample = dict(prompt="", num=1, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0)
+  c.sample = dict(prompt="", num=1, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0,
+                  repetition_penalty=1.0)  # 1.0: no penalty
   c.mesh = dict(num_devices=-1)
   return c
 
 
 def validate(c) -> None:
+  check_sampling("config 'sample'", **{key: c.sample[key] for key in SAMPLING_KEYS})
   m, d, t, task = c.model, c.data, c.train, c.task
   require(c.pretrained.format in FORMATS, "pretrained.format",
           f"must be one of {FORMATS}, got {c.pretrained.format!r}")
@@ -359,15 +361,15 @@ class Family:
 
   # --- samples ----------------------------------------------------------------------
   def generate_replies(self, state: TrainState, prompts: list[str], *, max_new_tokens: int,
-                       seed: int = 0, temperature: float = 0.0, top_k: int = 0,
-                       top_p: float = 1.0) -> list[str]:
-    """The assistant's reply to each prompt, through the chat template."""
+                       seed: int = 0, **sampling) -> list[str]:
+    """The assistant's reply to each prompt, through the chat template; `sampling`:
+    temperature (default 0: greedy), top_k, top_p, repetition_penalty."""
     if self.task == "classify":
       raise UserError("a classification run has no text to sample: use `aigc-jax eval`")
     ids = [self.sft_prompt_ids(p) for p in prompts]
     out = generate(self.model(state), ids, max_new_tokens=max_new_tokens,
-                   key=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=int(self.tokenizer.end_of_turn()[0]))
+                   key=jax.random.PRNGKey(seed), **{"temperature": 0.0, **sampling},
+                   eos_id=int(self.tokenizer.end_of_turn()[0]))
     return [self.tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
   def _sample_prompts(self) -> list[str]:
@@ -383,7 +385,7 @@ class Family:
     prompts = options.get("prompt") or self._sample_prompts()
     replies = self.generate_replies(
         state, prompts, max_new_tokens=pick("max_new_tokens"), seed=options.get("seed") or 0,
-        temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"))
+        **{key: pick(key) for key in SAMPLING_KEYS})
     return "\n".join(f"=== prompt {i} ===\n{p}\n=== reply ===\n{r}\n"
                      for i, (p, r) in enumerate(zip(prompts, replies, strict=True)))
 

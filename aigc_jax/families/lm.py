@@ -18,7 +18,7 @@ from aigc_jax.data import text as text_data
 from aigc_jax.data.batching import TokenWindows, eval_windows
 from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
 from aigc_jax.errors import UserError
-from aigc_jax.models.sampling import generate
+from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling, generate
 from aigc_jax.models.transformer import (
   ATTENTION_IMPLEMENTATIONS,
   DTYPES,
@@ -62,12 +62,13 @@ def default_config() -> ml_collections.ConfigDict:
                  b2=0.95, eps=1e-8, grad_clip=1.0)
   # Samples written at each evaluation (num=0: none), and the CLI's sampling defaults.
   c.sample = dict(prompt="def ", num=2, max_new_tokens=200, temperature=0.8, top_k=0,
-                  top_p=0.95)
+                  top_p=0.95, repetition_penalty=1.0)  # 1.0: no penalty
   c.mesh = dict(num_devices=-1)  # devices on the data axis (-1: all)
   return c
 
 
 def validate(c) -> None:
+  check_sampling("config 'sample'", **{key: c.sample[key] for key in SAMPLING_KEYS})
   m, d, t, o = c.model, c.data, c.train, c.optim
   require_positive(c, "model.num_layers", "model.num_heads", "model.num_kv_heads",
                    "model.embed_dim", "model.mlp_dim", "data.seq_len", "train.steps",
@@ -210,13 +211,14 @@ class Family:
 
   # --- samples ----------------------------------------------------------------------
   def generate_text(self, params, prompts: list[str], *, max_new_tokens: int, seed: int = 0,
-                    temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0) -> list[str]:
-    """Continuations of each prompt (an empty prompt starts a new document)."""
+                    **sampling) -> list[str]:
+    """Continuations of each prompt (an empty prompt starts a new document); `sampling`:
+    temperature, top_k, top_p, repetition_penalty (see `models.sampling.generate`)."""
     eos = self.tokenizer.eos_id
     ids = [self.tokenizer.encode(p) if p else np.asarray([eos]) for p in prompts]
     out = generate(self.model(params), ids, max_new_tokens=max_new_tokens,
-                   key=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=eos)
+                   key=jax.random.PRNGKey(seed), eos_id=eos,
+                   **{"temperature": 0.8, **sampling})
     return [self.tokenizer.decode(o) for o in out]
 
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
@@ -228,7 +230,7 @@ class Family:
     texts = self.generate_text(
         state.params, [p for p in prompts for _ in range(num)],
         max_new_tokens=pick("max_new_tokens"), seed=options.get("seed") or 0,
-        temperature=pick("temperature"), top_k=pick("top_k"), top_p=pick("top_p"))
+        **{key: pick(key) for key in SAMPLING_KEYS})
     return "\n".join(f"=== sample {i} ===\n{prompts[i // num]}{text}\n"
                      for i, text in enumerate(texts))
 
@@ -239,8 +241,7 @@ class Family:
     if budget < 1 or s.num < 1:
       return []
     texts = self.generate_text(state.params, [s.prompt] * s.num, max_new_tokens=budget,
-                               seed=step, temperature=s.temperature, top_k=s.top_k,
-                               top_p=s.top_p)
+                               seed=step, **{key: s[key] for key in SAMPLING_KEYS})
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"step_{step:07d}.txt")

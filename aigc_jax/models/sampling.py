@@ -1,5 +1,6 @@
 """Autoregressive generation for the transformer LM: a compiled prefill, then a compiled
-decode loop over a KV cache, with temperature, top-k and top-p (nucleus) sampling."""
+decode loop over a KV cache, with temperature, top-k and top-p (nucleus) sampling and a
+repetition penalty."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ import numpy as np
 from flax import nnx
 
 from aigc_jax.errors import UserError
+
+# The sampling settings `generate` takes (and the `sample.*` config keys of the LM families).
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def check_sampling(where: str = "", **settings) -> None:
+  """One `UserError` for sampling settings out of range (`where`: e.g. "config 'sample'")."""
+  t, k, p, r = (settings[key] for key in SAMPLING_KEYS)
+  if t < 0 or not 0 < p <= 1 or k < 0 or r <= 0:
+    raise UserError(f"{where + ': ' if where else ''}need temperature >= 0, top_k >= 0, "
+                    f"0 < top_p <= 1, repetition_penalty > 0; got {t}, {k}, {p}, {r}")
+
+
+def penalize_repeats(logits_BV: jax.Array, seen_BV: jax.Array, penalty: float) -> jax.Array:
+  """CTRL's repetition penalty (Keskar et al. 2019), as in Hugging Face's `generate`: the
+  logit of every id already in the prompt or the output is divided by `penalty` when
+  positive and multiplied by it when negative (penalty > 1 discourages repeats)."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  penalized_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
+  return jnp.where(seen_BV, penalized_BV, logits_BV)
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int,
@@ -36,43 +57,57 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "eos_id"))
+                                             "top_k", "top_p", "repetition_penalty", "eos_id"))
 def _generate(graphdef, params, tokens_BP, start_B, key, *, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, eos_id: int):
+              temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              eos_id: int):
   model = nnx.merge(graphdef, params)
   B, P = tokens_BP.shape
+  V = model.cfg.vocab_size
   cache = model.init_cache(B, P + max_new_tokens)
   positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - start_B[:, None], 0)
   logits_BPV, cache = model(tokens_BP, positions_BP, cache=cache, cache_index=jnp.int32(0),
                             start_B=start_B)
+  # The ids each row has seen (its prompt, not the left padding), for the penalty.
+  real_BP = jnp.arange(P)[None, :] >= start_B[:, None]
+  seen_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
+      real_BP.astype(jnp.int32)) > 0
+
+  def next_token(logits_BV, seen_BV, key):
+    if repetition_penalty != 1.0:
+      logits_BV = penalize_repeats(logits_BV, seen_BV, repetition_penalty)
+    next_B = sample_logits(logits_BV, key, temperature, top_k, top_p)
+    return next_B, seen_BV.at[jnp.arange(B), next_B].set(True)
+
   key, sub = jax.random.split(key)
-  first_B = sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+  first_B, seen_BV = next_token(logits_BPV[:, -1], seen_BV, sub)
   out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
   done_B = first_B == eos_id
 
   def cond(carry):
-    i, _, _, done_B, _ = carry
+    i, _, _, done_B, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done_B)
 
   def body(carry):
-    i, out_BN, cache, done_B, key = carry
+    i, out_BN, cache, done_B, seen_BV, key = carry
     slot = P + i - 1  # the slot of the token generated last
     prev_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
     logits_B1V, cache = model(prev_B1, (slot - start_B)[:, None], cache=cache,
                               cache_index=slot, start_B=start_B)
     key, sub = jax.random.split(key)
-    next_B = sample_logits(logits_B1V[:, 0], sub, temperature, top_k, top_p)
+    next_B, seen_BV = next_token(logits_B1V[:, 0], seen_BV, sub)
     next_B = jnp.where(done_B, eos_id, next_B)
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, next_B[:, None], i, axis=1)
-    return i + 1, out_BN, cache, done_B | (next_B == eos_id), key
+    return i + 1, out_BN, cache, done_B | (next_B == eos_id), seen_BV, key
 
-  _, out_BN, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B, key))
-  return out_BN
+  carry = (jnp.int32(1), out_BN, cache, done_B, seen_BV, key)
+  return jax.lax.while_loop(cond, body, carry)[1]
 
 
 def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: int, key,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_id: int = -1, max_len: int | None = None) -> list[np.ndarray]:
+             repetition_penalty: float = 1.0, eos_id: int = -1,
+             max_len: int | None = None) -> list[np.ndarray]:
   """Continues each prompt (a 1-D array of ids) by up to `max_new_tokens` ids, stopping a
   row at `eos_id` (not included in its output). Prompts of different lengths are
   left-padded and batched. Returns the new ids of each prompt."""
@@ -90,9 +125,8 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
                       f"[0, {cfg.vocab_size})")
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise UserError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                    f"{temperature}, {top_p}, {top_k}")
+  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty)
   P = max(len(p) for p in prompts)
   limit = max_len or cfg.max_seq_len
   if P + max_new_tokens > limit:
@@ -106,7 +140,9 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
   graphdef, params = nnx.split(model)
   out_BN = np.asarray(_generate(graphdef, params, tokens_BP, start_B, key,
                                 max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                top_k=int(top_k), top_p=float(top_p), eos_id=int(eos_id)))
+                                top_k=int(top_k), top_p=float(top_p),
+                                repetition_penalty=float(repetition_penalty),
+                                eos_id=int(eos_id)))
   results = []
   for row in out_BN:
     stop = np.flatnonzero(row == eos_id) if eos_id >= 0 else []

@@ -68,14 +68,17 @@ def _generate(graphdef, params, tokens_BP, start_B, key, *, max_new_tokens: int,
   positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - start_B[:, None], 0)
   logits_BPV, cache = model(tokens_BP, positions_BP, cache=cache, cache_index=jnp.int32(0),
                             start_B=start_B)
-  # The ids each row has seen (its prompt, not the left padding), for the penalty.
-  real_BP = jnp.arange(P)[None, :] >= start_B[:, None]
-  seen_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
-      real_BP.astype(jnp.int32)) > 0
+  # The ids each row has seen (its prompt, not the left padding), kept only for a penalty.
+  seen_BV = None
+  if repetition_penalty != 1.0:
+    real_BP = jnp.arange(P)[None, :] >= start_B[:, None]
+    seen_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
+        real_BP.astype(jnp.int32)) > 0
 
   def next_token(logits_BV, seen_BV, key):
-    if repetition_penalty != 1.0:
-      logits_BV = penalize_repeats(logits_BV, seen_BV, repetition_penalty)
+    if seen_BV is None:
+      return sample_logits(logits_BV, key, temperature, top_k, top_p), None
+    logits_BV = penalize_repeats(logits_BV, seen_BV, repetition_penalty)
     next_B = sample_logits(logits_BV, key, temperature, top_k, top_p)
     return next_B, seen_BV.at[jnp.arange(B), next_B].set(True)
 

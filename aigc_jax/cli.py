@@ -23,6 +23,7 @@ import sys
 from absl import app, flags, logging
 
 from aigc_jax.errors import UserError
+from aigc_jax.train.memory import reexec_with_malloc_tunables
 
 COMMANDS = ("train", "finetune", "sample", "eval", "export")
 EXPORT_FORMATS = ("safetensors",)
@@ -146,6 +147,10 @@ def _quiet_background_failures() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+  if argv is None and sys.argv[1:2] in (["train"], ["finetune"]):
+    # A training process restarts once with the malloc settings that keep the step's
+    # memory mapped (train/memory.py; ~2 s of start-up for 10-25 % faster CPU steps).
+    reexec_with_malloc_tunables()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(USAGE, file=sys.stderr)

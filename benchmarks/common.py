@@ -15,6 +15,7 @@ import numpy as np
 
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.memory import keep_step_memory
 from benchmarks.flops import count_matmul_flops
 
 # Dense bfloat16 datasheet peaks per chip, TFLOP/s; matched against device_kind.
@@ -78,6 +79,8 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   replicated state, donated, batch sharded over all devices) and times it: lowering and
   compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
   matmul + convolution FLOPs of the step's jaxpr, XLA's FLOPs, and memory."""
+  if jax.default_backend() == "cpu":
+    keep_step_memory()  # as the training loop does
   # Every device that can take an equal share of the batch (all of them, normally).
   batch_size = len(jax.tree.leaves(host_batch)[0])
   mesh = mesh_lib.make_mesh(max(n for n in range(1, jax.device_count() + 1)

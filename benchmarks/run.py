@@ -162,4 +162,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+  from aigc_jax.train.memory import reexec_with_malloc_tunables
+  reexec_with_malloc_tunables()  # the allocator the CLI's training runs get
   main()

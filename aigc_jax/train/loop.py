@@ -24,7 +24,7 @@ from aigc_jax.families import get_family_module
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
-from aigc_jax.train.memory import release_free_memory
+from aigc_jax.train.memory import keep_step_memory, release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
 from aigc_jax.train.preemption import StopRequests, stop_requests
 
@@ -194,6 +194,8 @@ def _write_samples(run: Run, state, step: int) -> None:
 def train(config, workdir: str, *, progress: bool | None = None) -> dict:
   """Trains (or resumes) the run in `workdir` to `config.train.steps`; returns a summary
   with the final evaluation."""
+  if jax.default_backend() == "cpu":
+    keep_step_memory()  # the step's temporaries stay mapped between steps
   run = open_run(config, workdir, for_training=True)
   primary = jax.process_index() == 0  # with several processes, one writes the files
   if primary:

@@ -117,3 +117,15 @@ def test_flops_count_matches_matmul_shapes():
   matmul_params = 8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 12 + 50 * 8
   assert cfg.flops_per_token(0, training=False) == 2 * matmul_params
   assert cfg.flops_per_token(0, training=True) == 6 * matmul_params
+
+
+@pytest.mark.parametrize("seq_len,head_dim,base", [(64, 32, 1e4), (300, 64, 1e5)])
+def test_constant_rope_angles_equal_the_computed_ones(seq_len, head_dim, base):
+  from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
+  const = rope_angles_from_zero(seq_len, head_dim, base)
+  traced = jax.jit(rope_angles, static_argnums=(1, 2))(
+      jnp.arange(seq_len)[None], head_dim, base)
+  assert const.sin_BTF.shape == const.cos_BTF.shape == (1, seq_len, head_dim // 2)
+  # The traced angles are rounded to float32 before sin/cos: ~1e-7 x angle (<= 300 rad).
+  for a, b in zip(const, traced):
+    np.testing.assert_allclose(a, b, atol=seq_len * 2e-7, rtol=0)

@@ -21,6 +21,7 @@ from aigc_jax.nn.cross_entropy import linear_cross_entropy
 from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
 from aigc_jax.nn.linear import Linear
+from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
 
@@ -117,10 +118,10 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout)
     self.dtype = dtype
 
-  def __call__(self, x_BTD, positions_BT, cache, cache_index, mask_B1TS, deterministic, rngs):
+  def __call__(self, x_BTD, angles, cache, cache_index, mask_B1TS, deterministic, rngs):
     # Norms run in float32 (the residual stream's dtype); matmuls in the compute dtype.
     h = self.attn_norm(x_BTD).astype(self.dtype)
-    h, cache = self.attn(h, positions_BT, cache=cache, cache_index=cache_index,
+    h, cache = self.attn(h, angles, cache=cache, cache_index=cache_index,
                          mask_B1TS=mask_B1TS, deterministic=deterministic, rngs=rngs)
     x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
     h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype), deterministic, rngs)
@@ -128,8 +129,8 @@ class Block(nnx.Module):
     return x_BTD, cache
 
 
-def _run_block(block, x, positions, deterministic, rngs):
-  return block(x, positions, None, None, None, deterministic, rngs)[0]
+def _run_block(block, x, angles, deterministic, rngs):
+  return block(x, angles, None, None, None, deterministic, rngs)[0]
 
 
 class Transformer(nnx.Module):
@@ -203,8 +204,11 @@ class Transformer(nnx.Module):
     check_tokens(tokens_BT, cfg.vocab_size)
     B, T = tokens_BT.shape
     dtype = DTYPES[cfg.dtype]
+    # Computed once for all layers.
     if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      angles = rope_angles_from_zero(T, cfg.resolved_head_dim, cfg.rope_base)
+    else:
+      angles = rope_angles(positions_BT, cfg.resolved_head_dim, cfg.rope_base)
     x_BTD = self.embed(tokens_BT).astype(jnp.float32)
     x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic, rngs=rngs)
     mask_B1TS = None
@@ -219,10 +223,10 @@ class Transformer(nnx.Module):
     new_cache = []
     for i, block in enumerate(self.blocks):
       if cache is None and cfg.remat:
-        x_BTD = nnx.remat(_run_block, static_argnums=(3,))(block, x_BTD, positions_BT,
+        x_BTD = nnx.remat(_run_block, static_argnums=(3,))(block, x_BTD, angles,
                                                            deterministic, rngs)
       else:
-        x_BTD, layer_cache = block(x_BTD, positions_BT, None if cache is None else cache[i],
+        x_BTD, layer_cache = block(x_BTD, angles, None if cache is None else cache[i],
                                    cache_index, mask_B1TS, deterministic, rngs)
         new_cache.append(layer_cache)
     return self.final_norm(x_BTD).astype(dtype), new_cache

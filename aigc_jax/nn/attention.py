@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aigc_jax.nn.linear import Linear
-from aigc_jax.nn.rope import apply_rope
+from aigc_jax.nn.rope import RopeAngles, rope_angles, rotate
 
 
 class KVCache(NamedTuple):
@@ -87,19 +87,22 @@ class Attention(nnx.Module):
     self.v_proj = linear(embed_dim, num_kv_heads * head_dim)
     self.o_proj = linear(num_heads * head_dim, embed_dim)
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, *,
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | RopeAngles, *,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,
                mask_B1TS: jax.Array | None = None, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, KVCache | None]:
     """Without a cache: causal attention over the T inputs. With a cache: the inputs are
-    written at [cache_index, cache_index + T) and attend to the cache under `mask_B1TS`."""
+    written at [cache_index, cache_index + T) and attend to the cache under `mask_B1TS`.
+    `positions_BT`: int positions, or their `rope_angles` (computed once for all layers)."""
     B, T, _ = x_BTD.shape
     kw = dict(deterministic=deterministic, rngs=rngs)  # for LoRA adapters' dropout
     q_BTNH = self.q_proj(x_BTD, **kw).reshape(B, T, self.num_heads, self.head_dim)
     k_BTKH = self.k_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
     v_BTKH = self.v_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, self.rope_base)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, self.rope_base)
+    angles = (positions_BT if isinstance(positions_BT, RopeAngles)
+              else rope_angles(positions_BT, self.head_dim, self.rope_base))
+    q_BTNH = rotate(q_BTNH, angles)
+    k_BTKH = rotate(k_BTKH, angles)
     if cache is None:
       out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, None, self.implementation)
       new_cache = None

@@ -75,3 +75,23 @@ def test_transposed_conv_flops_count_only_real_inputs():
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
   flops = count_matmul_flops(up, jnp.ones((1, 3, 3, 5)), jnp.ones((4, 4, 5, 7)))
   assert flops == 2 * (6 * 6 * 7) * (4 * 5)
+
+
+def test_linear_bound_chain_counts_the_lm_matmuls_and_matches_pytorch():
+  from benchmarks import linear_bound
+
+  layers, _, D, F, T, B, _ = linear_bound.CASES["tiny"]
+  assert linear_bound.chain_flops("tiny") == 3 * layers * B * T * 2 * (4 * D * D + 3 * D * F)
+  params, x = linear_bound.init_params("tiny")
+  # The FLOPs counted from the chain's own gradient jaxpr agree with the formula.
+  grad = jax.grad(linear_bound.chain_loss, argnums=(0, 1))
+  assert count_matmul_flops(grad, params, x) == linear_bound.chain_flops("tiny")
+  torch = pytest.importorskip("torch", reason="the PyTorch side needs the bench extra")
+  ours, ours_x = jax.jit(grad)(params, x)
+  theirs = [{k: torch.from_numpy(v).requires_grad_() for k, v in p.items()} for p in params]
+  theirs_x = torch.from_numpy(x).requires_grad_()
+  linear_bound.chain_loss(theirs, theirs_x, matmul=torch.matmul).backward()
+  np.testing.assert_allclose(ours_x, theirs_x.grad.numpy(), rtol=1e-4, atol=1e-6)
+  for a, b in zip(ours, theirs, strict=True):
+    for name in linear_bound.KERNELS:
+      np.testing.assert_allclose(a[name], b[name].grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -127,5 +127,5 @@ def test_constant_rope_angles_equal_the_computed_ones(seq_len, head_dim, base):
       jnp.arange(seq_len)[None], head_dim, base)
   assert const.sin_BTF.shape == const.cos_BTF.shape == (1, seq_len, head_dim // 2)
   # The traced angles are rounded to float32 before sin/cos: ~1e-7 x angle (<= 300 rad).
-  for a, b in zip(const, traced):
+  for a, b in zip(const, traced, strict=True):
     np.testing.assert_allclose(a, b, atol=seq_len * 2e-7, rtol=0)

@@ -44,7 +44,9 @@ def default_config() -> ml_collections.ConfigDict:
       max_seq_len=0,  # longest context for generation; 0: data.seq_len
       dropout=0.0, tie_embeddings=True, rope_base=10000.0, norm_eps=1e-6,
       dtype="float32",  # compute dtype; parameters are always float32
-      attention="auto",  # auto (cudnn on GPU, einsum elsewhere) | einsum | xla | cudnn | jax
+      # auto (cudnn on GPU, blockwise on CPU, einsum elsewhere) | blockwise | einsum |
+      # xla | cudnn | jax
+      attention="auto",
       remat=False,
       logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(

@@ -23,15 +23,17 @@ from aigc_jax.nn.dtypes import DTYPES
 from aigc_jax.nn.linear import Linear
 from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "jax")
+ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "einsum", "xla", "cudnn", "jax")
 
 
 def resolve_attention(name: str) -> str:
-  """'auto': cuDNN's fused kernel on GPU, our einsum attention elsewhere (faster than
-  XLA's generic path on CPU)."""
+  """'auto': cuDNN's fused kernel on GPU, our blockwise causal attention on CPU (it skips
+  the masked blocks and keeps each block's logits in cache), our einsum attention
+  elsewhere (both faster than XLA's generic path)."""
   if name != "auto":
     return name
-  return "cudnn" if jax.default_backend() == "gpu" else "einsum"
+  backend = jax.default_backend()
+  return {"gpu": "cudnn", "cpu": "blockwise"}.get(backend, "einsum")
 
 
 @dataclasses.dataclass(frozen=True)

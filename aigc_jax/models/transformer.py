@@ -28,8 +28,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "einsum", "xla", "cudnn", "jax
 
 def resolve_attention(name: str) -> str:
   """'auto': cuDNN's fused kernel on GPU, our blockwise causal attention on CPU (it skips
-  the masked blocks and keeps each block's logits in cache), our einsum attention
-  elsewhere (both faster than XLA's generic path)."""
+  the masked key blocks), our einsum attention elsewhere (both faster than XLA's generic
+  path on CPU)."""
   if name != "auto":
     return name
   backend = jax.default_backend()

@@ -57,8 +57,8 @@ def einsum_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
 
 
 # Causal attention in this many query blocks: block i skips the key blocks after it, a
-# (n - 1) / 2n share of the full T x T work (37.5% for 4), and its logits are small
-# enough to stay in a CPU's cache. More blocks save little more and add ops.
+# (n - 1) / 2n share of the full T x T work (37.5% for 4), and each block's softmax
+# passes over a smaller array. More blocks save little more and add ops.
 CAUSAL_QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 16
 

@@ -21,8 +21,6 @@ from aigc_jax.train.memory import keep_step_memory, reexec_with_malloc_tunables
 from benchmarks.common import timed
 from benchmarks.lm_step import CASES
 
-KERNELS = ("q", "k", "v", "o", "gate", "up", "down")
-
 
 def kernel_shapes(width: int, mlp: int) -> dict[str, tuple[int, int]]:
   return {"q": (width, width), "k": (width, width), "v": (width, width), "o": (width, width),

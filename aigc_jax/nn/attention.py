@@ -97,7 +97,7 @@ def blockwise_causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array,
     probs_BKRS = jax.nn.softmax(logits_BKRS, axis=-1).astype(v_BTKH.dtype)
     out_BKRH = jnp.einsum("bkrs,bksh->bkrh", probs_BKRS, v_BKSH[:, :, :end])
     outs.append(out_BKRH.reshape(B, K, end - start, G, H))
-  out_BKTGH = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+  out_BKTGH = jnp.concatenate(outs, axis=2)
   return jnp.transpose(out_BKTGH, (0, 2, 1, 3, 4)).reshape(B, T, N, H)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -21,8 +22,7 @@ class MetricsWriter:
       return
     self._file = open(self.path, "a")
     try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer()(os.path.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard events are optional; JSONL is the record
       pass
 
@@ -44,6 +44,24 @@ class MetricsWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter class, imported without importing PyTorch.
+
+  tensorboardX imports torch whenever it is installed (only to accept torch tensors, which
+  we never pass). That costs ~1.8 s at every start and loads PyTorch's own thread pools
+  into a JAX process, so torch is hidden while tensorboardX loads unless the process
+  already imported it."""
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 def _to_python(v):

@@ -20,16 +20,22 @@ CASES = {
 }
 
 
-def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
+def family_and_batch(case: str, dtype: str) -> tuple[Family, dict]:
+  """The case's GAN family (no data) and a batch of uniform noise images."""
   size, channels, width, z_dim, depth, batch = CASES[case]
   c = default_config()
   c.model.update(image_size=size, channels=channels, width=width, z_dim=z_dim, depth=depth,
                  dtype=dtype)
   c.train.update(batch_size=batch)
-  family = Family(c, None)
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels))
-  measured = measure_step(family, {"images": images.astype(np.float32),
-                                   "labels": np.zeros(batch, np.int32)}, "g_loss", steps)
+  return Family(c, None), {"images": images.astype(np.float32),
+                           "labels": np.zeros(batch, np.int32)}
+
+
+def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
+  size, channels, width, z_dim, depth, batch = CASES[case]
+  family, host_batch = family_and_batch(case, dtype)
+  measured = measure_step(family, host_batch, "g_loss", steps)
   torch_fn = None
   if torch:
     from benchmarks.torch_dcgan import time_step

@@ -22,22 +22,22 @@ CASES = {
 }
 
 
-def lm_family(case: str, dtype: str) -> Family:
+def family_and_batch(case: str, dtype: str) -> tuple[Family, dict]:
+  """The case's LM family (no data) and a batch of random tokens."""
   layers, heads, width, mlp, context, batch, vocab = CASES[case]
   c = default_config()
   c.model.update(num_layers=layers, num_heads=heads, num_kv_heads=heads, embed_dim=width,
                  mlp_dim=mlp, dtype=dtype, vocab_size=vocab)
   c.data.update(seq_len=context)
   c.train.update(batch_size=batch)
-  return Family(c, None)
+  tokens = np.random.default_rng(0).integers(0, vocab, (batch, context + 1), dtype=np.int32)
+  return Family(c, None), {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
 def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
   layers, heads, width, _, context, batch, vocab = CASES[case]
-  family = lm_family(case, dtype)
-  tokens = np.random.default_rng(0).integers(0, vocab, (batch, context + 1), dtype=np.int32)
-  measured = measure_step(family, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                          "loss", steps)
+  family, host_batch = family_and_batch(case, dtype)
+  measured = measure_step(family, host_batch, "loss", steps)
   torch_fn = None
   if torch:
     from benchmarks.torch_gpt import time_step

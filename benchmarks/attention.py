@@ -89,7 +89,7 @@ def run(shape, dtype: str, steps: int) -> dict:
 
 def markdown(result: dict) -> str:
   lines = [f"Causal attention fwd + bwd, {result['device']}, shape (B, T, N, K, H) = "
-           f"{tuple(result['shape_BTNKH'])}, {result['dtype']}, {result['gflop']:.1f} GFLOP; "
+           f"{tuple(result['shape_BTNKH'])}, {result['dtype']}, {result['gflop']:.3g} GFLOP; "
            f"`auto` = {result['auto']}", "",
            "| implementation | median ms | min ms | TFLOP/s | max relative error |",
            "|---|---|---|---|---|"]

@@ -5,7 +5,13 @@ import pytest
 from flax import nnx
 
 from aigc_jax import Transformer, TransformerConfig
-from aigc_jax.nn.attention import blockwise_causal_attention, einsum_attention, query_block_bounds
+from aigc_jax.nn.attention import (
+  CAUSAL_QUERY_BLOCKS,
+  MIN_QUERY_BLOCK,
+  blockwise_causal_attention,
+  einsum_attention,
+  query_block_bounds,
+)
 
 
 def qkv(B, T, N, K, H, dtype=jnp.float32, seed=0):
@@ -19,8 +25,8 @@ def test_query_blocks_cover_the_sequence_in_order(T):
   bounds = query_block_bounds(T)
   assert bounds[0] == 0 and bounds[-1] == T
   sizes = np.diff(bounds)
-  assert 1 <= len(sizes) <= 4 and (sizes > 0).all()
-  assert len(sizes) == 1 or sizes.min() >= 16
+  assert 1 <= len(sizes) <= CAUSAL_QUERY_BLOCKS and (sizes > 0).all()
+  assert len(sizes) == 1 or sizes.min() >= MIN_QUERY_BLOCK
   assert sizes.max() - sizes.min() <= 1
 
 

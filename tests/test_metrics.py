@@ -3,6 +3,7 @@
 import glob
 import math
 import struct
+import sys
 
 import pytest
 
@@ -56,7 +57,5 @@ def test_records_and_tensorboard_scalars_are_written_without_importing_torch(tmp
 
 def test_a_process_that_imported_torch_keeps_it(tmp_path):
   torch = pytest.importorskip("torch")
-  import sys
-
   MetricsWriter(str(tmp_path)).close()
   assert sys.modules["torch"] is torch

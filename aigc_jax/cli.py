@@ -23,7 +23,8 @@ import sys
 from absl import app, flags, logging
 
 from aigc_jax.errors import UserError
-from aigc_jax.train.memory import reexec_with_malloc_tunables
+from aigc_jax.train.memory import keep_step_memory, reexec_with_malloc_tunables
+from aigc_jax.xla_flags import apply_fast_cpu_flags
 
 COMMANDS = ("train", "finetune", "sample", "eval", "export")
 EXPORT_FORMATS = ("safetensors",)
@@ -82,7 +83,7 @@ def _run(command: str) -> None:
       # Unset settings are detected from the environment (SLURM, TPU pods, ...).
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                  FLAGS.process_id)
-    from aigc_jax.train import train
+    from aigc_jax.train.loop import train_and_evaluate
     try:
       config = FLAGS.config
       if config is not None:
@@ -94,7 +95,10 @@ def _run(command: str) -> None:
     if command == "finetune" and config.get("family") != "finetune":
       raise UserError(f"`finetune` needs a fine-tuning config (family 'finetune'), but this "
                       f"one is family {config.get('family')!r}: use `aigc-jax train`")
-    summary = train(config, FLAGS.workdir)
+    import jax
+    if jax.default_backend() == "cpu":
+      keep_step_memory()  # the step's temporaries stay mapped between steps
+    summary = train_and_evaluate(config, FLAGS.workdir)
     print(json.dumps(summary, indent=2))
     return
   from aigc_jax import config as config_lib
@@ -138,12 +142,28 @@ class _OneLineLogs(std_logging.Filter):
     return True
 
 
+def _from_orbax(unraisable) -> bool:
+  orbax = f"{os.sep}orbax{os.sep}"
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if orbax in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return orbax in repr(unraisable.object) or "orbax" in type(unraisable.object).__module__
+
+
 def _quiet_background_failures() -> None:
   for handler in (*std_logging.getLogger().handlers, logging.get_absl_handler()):
     handler.addFilter(_OneLineLogs())
-  # Exceptions in callbacks that cannot raise (Orbax's write callbacks on an event loop
-  # already closed after a failed save): not printed.
-  sys.unraisablehook = lambda unraisable: None
+  # Exceptions in Orbax's callbacks that cannot raise (write callbacks on an event loop
+  # already closed after a failed save) are not printed; every other one still is.
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _from_orbax(unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     # A training process restarts once with the malloc settings that keep the step's
     # memory mapped (train/memory.py; ~2 s of start-up for 10-25 % faster CPU steps).
     reexec_with_malloc_tunables()
+  apply_fast_cpu_flags()  # before JAX starts a backend
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(USAGE, file=sys.stderr)

@@ -68,9 +68,10 @@ def save_config(cfg, workdir: str) -> str:
   return path
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: str, family=None) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir; settings added to its family since the run
-  was saved take their defaults (which keep the old behaviour)."""
+  was saved take their defaults (which keep the old behaviour). `family`: the family
+  module (None: found from the saved config's `family`)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
@@ -78,9 +79,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = json.load(f)
   if isinstance(saved, dict) and isinstance(saved.get("family"), str):
-    from aigc_jax.families import get_family_module
-    saved = _with_missing_keys(saved, get_family_module(saved["family"]).default_config()
-                               .to_dict())
+    from aigc_jax.train.family import load_family
+    module = load_family(saved["family"] if family is None else family)
+    saved = _with_missing_keys(saved, module.default_config().to_dict())
   return ml_collections.ConfigDict(saved)
 
 

@@ -1,5 +1,7 @@
-"""XLA:CPU settings that make aigc_jax's steps faster, applied when aigc_jax is imported
-before JAX has started a backend (set AIGC_JAX_KEEP_XLA_FLAGS=1 to leave XLA_FLAGS alone).
+"""XLA:CPU settings that make aigc_jax's steps faster. Opt-in: entry points (the
+`aigc-jax` CLI, `benchmarks.*`, the test suite) call `apply_fast_cpu_flags()` before JAX
+starts a backend; importing aigc_jax changes nothing (set AIGC_JAX_KEEP_XLA_FLAGS=1 to keep
+the entry points from touching XLA_FLAGS).
 
 - `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`: XLA's own (Eigen)
   convolutions instead of YNNPACK's, which are slower for the DCGAN and classifier shapes

@@ -5,8 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
+
+from aigc_jax.xla_flags import apply_fast_cpu_flags
+
+# The test process runs the programs the CLI runs (aigc_jax itself changes no setting on
+# import; entry points opt in), before JAX starts a backend.
+apply_fast_cpu_flags()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

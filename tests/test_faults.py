@@ -27,9 +27,9 @@ STEPS, EVERY = 40, 2
 TRAIN = """
 import json, sys
 from aigc_jax.config import config_from_file
-from aigc_jax.train import train
+from aigc_jax.train import train_and_evaluate
 workdir, path, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-train(config_from_file(path, overrides), workdir, progress=False)
+train_and_evaluate(config_from_file(path, overrides), workdir, progress=False)
 """
 CASES = [pytest.param(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}, id="lm"),
          pytest.param(GAN_CONFIG, {"fid.samples": 0}, id="gan", marks=pytest.mark.slow),

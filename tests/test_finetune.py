@@ -16,7 +16,7 @@ from tests.conftest import ROOT, run_cli
 pytest.importorskip("safetensors", reason="fine-tuning tests load HF checkpoints (dev extra)")
 
 from aigc_jax.pretrained.hf import load_hf  # noqa: E402
-from aigc_jax.train import open_run, train  # noqa: E402
+from aigc_jax.train import open_run, train_and_evaluate  # noqa: E402
 from tests.tiny_llama import write_tiny_hf  # noqa: E402
 
 FT_TINY = str(ROOT / "configs" / "ft_tiny.py")
@@ -53,7 +53,7 @@ def _leaves_by_path(tree, prefix=""):
 def test_lora_sft_trains_only_adapters_and_lowers_held_out_loss(pretrained, tmp_path):
   directory, base, _ = pretrained
   config = _config(directory)
-  summary = train(config, str(tmp_path), progress=False)
+  summary = train_and_evaluate(config, str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   val = [r for r in records if r.get("split") == "val"]
   assert val[0]["step"] == 0 and val[-1]["step"] == 16
@@ -85,7 +85,7 @@ def test_frozen_patterns_stay_bit_identical_in_full_fine_tuning(pretrained, tmp_
   config = _config(directory, **{"lora.rank": 0, "train.steps": 3, "train.eval_at_start": False,
                                  "train.eval_every": 3, "train.checkpoint_every": 3})
   config.train.frozen = (r"blocks\.0\.", r"^embed\.")
-  train(config, str(tmp_path), progress=False)
+  train_and_evaluate(config, str(tmp_path), progress=False)
   run = open_run(config, str(tmp_path), for_training=False)
   trained = _leaves_by_path(jax.device_get(run.state.params))
   frozen = _leaves_by_path(jax.device_get(run.state.frozen))
@@ -119,7 +119,7 @@ def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
   workdir, out = tmp_path / "run", tmp_path / "export"
   config = _config(directory, **{"train.steps": 4, "train.eval_at_start": False,
                                  "train.eval_every": 4})
-  train(config, str(workdir), progress=False)
+  train_and_evaluate(config, str(workdir), progress=False)
   result = run_cli("export", "--workdir", str(workdir), "--format", "safetensors",
                    "--out", str(out))
   assert result.returncode == 0, result.stderr
@@ -147,7 +147,7 @@ def test_classifier_head_trains_with_lora(pretrained, tmp_path):
   config = _config(directory, **{"task.name": "classify", "data.name": "vader",
                                  "data.seq_len": 48, "train.steps": 6, "train.batch_size": 8,
                                  "train.eval_every": 6, "data.max_eval_examples": 64})
-  summary = train(config, str(tmp_path), progress=False)
+  summary = train_and_evaluate(config, str(tmp_path), progress=False)
   assert 0 <= summary["val_accuracy"] <= 1
   assert 0.7 < summary["baseline_tfidf_accuracy"] < 0.9
   run = open_run(config, str(tmp_path), for_training=False)

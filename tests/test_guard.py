@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aigc_jax.train import Checkpointer, guard, train
+from aigc_jax.train import Checkpointer, guard, train_and_evaluate
 from aigc_jax.train.loop import open_run
 from aigc_jax.train.state import TrainState
 
@@ -71,14 +71,14 @@ def _diverging(tiny_config, policy):
 def test_abort_names_the_step_and_leaves_the_checkpoint_intact(tmp_path, tiny_config):
   with pytest.raises(guard.NonFiniteLoss, match=r"step \d+: the loss or gradients are not "
                      r"finite.*(intact|no checkpoint)") as error:
-    train(_diverging(tiny_config, "abort"), str(tmp_path), progress=False)
+    train_and_evaluate(_diverging(tiny_config, "abort"), str(tmp_path), progress=False)
   steps = Checkpointer(str(tmp_path / "checkpoints")).all_steps()
   assert all(s < error.value.step for s in steps)
 
 
 @pytest.mark.sharded
 def test_skip_finishes_with_finite_parameters_and_counts(tmp_path, tiny_config):
-  train(_diverging(tiny_config, "skip"), str(tmp_path), progress=False)
+  train_and_evaluate(_diverging(tiny_config, "skip"), str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   last = [r for r in records if r["split"] == "train"][-1]
   assert last["step"] == 12 and last["skipped_total"] >= 1

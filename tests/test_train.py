@@ -9,7 +9,7 @@ import pytest
 from aigc_jax.config import config_from_file
 from aigc_jax.errors import UserError
 from aigc_jax.families.lm import Family
-from aigc_jax.train import Checkpointer, train
+from aigc_jax.train import Checkpointer, train_and_evaluate
 from aigc_jax.train.loop import open_run
 from tests.conftest import GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_python
 
@@ -24,7 +24,7 @@ def unigram_entropy(ids: np.ndarray) -> float:
 def test_validation_loss_falls_well_below_unigram_entropy(tmp_path):
   cfg = config_from_file(TINY_CONFIG, {"train.steps": 300, "train.eval_every": 300,
                                        "train.checkpoint_every": 300, "train.log_every": 10})
-  summary = train(cfg, str(tmp_path), progress=False)
+  summary = train_and_evaluate(cfg, str(tmp_path), progress=False)
   family = Family(cfg, None)
   entropy = unigram_entropy(family._token_streams[0])
   assert summary["val_loss"] < 0.8 * entropy, (summary, entropy)
@@ -83,12 +83,12 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
 SHARDED = """
 import json, sys, jax, numpy as np
 from aigc_jax.config import config_from_file
-from aigc_jax.families import get_family_module
+from aigc_jax.train.family import load_family
 from aigc_jax.train import mesh as mesh_lib
 out = {}
 for n in (1, 8):
   cfg = config_from_file(sys.argv[1], {"mesh.num_devices": n, "train.batch_size": 16})
-  family = get_family_module(cfg.family).Family(cfg, None)
+  family = load_family(cfg.family).Family(cfg, None)
   mesh = mesh_lib.make_mesh(n)
   rep = mesh_lib.replicated(mesh)
   state = jax.jit(family.init_state, out_shardings=rep)(jax.random.PRNGKey(0))
@@ -121,12 +121,12 @@ def test_one_and_eight_devices_agree(config):
 RESUME = """
 import json, sys
 from aigc_jax.config import config_from_file
-from aigc_jax.train import train
+from aigc_jax.train import train_and_evaluate
 steps, workdir, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 overrides = json.loads(sys.argv[4])
 cfg = config_from_file(path, {"train.steps": steps, "train.checkpoint_every": 6,
                               "train.eval_every": 100, **overrides})
-train(cfg, workdir, progress=False)
+train_and_evaluate(cfg, workdir, progress=False)
 """
 # Dropout on (LM) and BatchNorm statistics + EMA (GAN): every kind of state must resume.
 # Evaluation (FID) is not part of the state, so it is left out to keep the test short.
@@ -163,22 +163,22 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, config, overrides):
 @pytest.mark.sharded
 def test_resume_with_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.train.steps = 2
-  train(tiny_config, str(tmp_path), progress=False)
+  train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   tiny_config.model.embed_dim = 96
   with pytest.raises(UserError, match=r"different configuration \(model.embed_dim: 64 -> 96\)"):
-    train(tiny_config, str(tmp_path), progress=False)
+    train_and_evaluate(tiny_config, str(tmp_path), progress=False)
 
 
 def test_unwritable_workdir(tmp_path, tiny_config):
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(UserError, match="not writable"):
-    train(tiny_config, str(blocker / "run"), progress=False)
+    train_and_evaluate(tiny_config, str(blocker / "run"), progress=False)
 
 
 @pytest.mark.sharded
 def test_metrics_of_every_logged_step_are_recorded(tmp_path, tiny_config):
-  summary = train(tiny_config, str(tmp_path), progress=False)
+  summary = train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   train_steps = [r["step"] for r in records if r["split"] == "train"]
   assert train_steps == [5, 10, 15, 20]
@@ -199,7 +199,7 @@ def test_every_record_has_a_step_rate_when_each_step_is_logged(tmp_path, tiny_co
   # rate of 0 (no step dispatched in between).
   tiny_config.train.update(steps=4, log_every=1, eval_every=2, checkpoint_every=4)
   tiny_config.sample.num = 0
-  train(tiny_config, str(tmp_path), progress=False)
+  train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   rates = {r["step"]: r["steps_per_sec"] for r in records if r["split"] == "train"}
   assert sorted(rates) == [1, 2, 3, 4] and all(r > 0 for r in rates.values()), rates
@@ -209,7 +209,7 @@ def test_bpe_run_saves_its_tokenizer_and_counts_bytes(tmp_path, tiny_config):
   pytest.importorskip("tokenizers", reason="BPE needs the `tokenizers` package (dev extra)")
   tiny_config.data.update(tokenizer="bpe", bpe_vocab_size=400)
   tiny_config.train.update(steps=10, eval_every=10)
-  summary = train(tiny_config, str(tmp_path), progress=False)
+  summary = train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   family = Family(tiny_config, str(tmp_path))  # loads the saved tokenizer
   assert family.tokenizer.kind == "bpe" and family.model_cfg.vocab_size == 400
   # BPE tokens span several bytes, so bits per byte is well below bits per token.

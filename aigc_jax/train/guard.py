@@ -76,6 +76,8 @@ def guard_step(train_step, spike_sigma: float = 0.0, spike_window: int = 100,
     stats = state.extra[_KEY]
     inner = state.replace(extra={k: v for k, v in state.extra.items() if k != _KEY})
     new, metrics = train_step(inner, batch)
+    # Python numbers (a constant schedule's learning rate) become arrays like the rest.
+    metrics = jax.tree.map(jnp.asarray, metrics)
     floats = [v for v in jax.tree.leaves(metrics) if jnp.issubdtype(v.dtype, jnp.floating)]
     ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in floats]))
     spike = jnp.zeros((), bool)

@@ -20,23 +20,22 @@ from tqdm import tqdm
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
-from aigc_jax.families import get_family_module
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
-from aigc_jax.train.memory import keep_step_memory, release_free_memory
+from aigc_jax.train.family import load_family
+from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
 from aigc_jax.train.preemption import StopRequests, stop_requests
 
 
-def prepare_config(config):
+def prepare_config(config, family=None):
   """Checks a run config against its family's defaults and rules; returns the family
-  module."""
-  family = config.get("family")
-  if family is None:
+  module (`family`: the module itself, or None to find it from `config.family`)."""
+  if config.get("family") is None:
     raise UserError("config has no 'family' key: start from a family's default_config(), "
                     "e.g. aigc_jax.families.lm.default_config()")
-  module = get_family_module(family)
+  module = load_family(config.family if family is None else family)
   config_lib.check_against_defaults(config, module.default_config())
   module.validate(config)
   guard.validate(config)
@@ -57,11 +56,11 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def _check_resume_config(config, workdir: str) -> None:
+def _check_resume_config(config, workdir: str, module) -> None:
   """A resumed run must build the same model on the same data; the schedule may change."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
-  old = config_lib.load_config(workdir)
+  old = config_lib.load_config(workdir, family=module)
   fixed = [f for section in ("family", "seed", "model", "data")
            for f in config_lib.differing_fields({section: old.get(section)},
                                                 {section: config.get(section)})]
@@ -112,12 +111,16 @@ class Run:
     return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()}
 
 
-def open_run(config, workdir: str, *, for_training: bool) -> Run:
-  """Builds the family and state; restores the newest checkpoint if there is one."""
-  module = prepare_config(config)
+def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
+  """Builds the family and state; restores the newest checkpoint if there is one.
+
+  `family`: the family module (None: found from `config.family`, a registered name or a
+  dotted module path; see `aigc_jax.train.family`).
+  """
+  module = prepare_config(config, family)
   workdir = prepare_workdir(workdir)
   if for_training:
-    _check_resume_config(config, workdir)
+    _check_resume_config(config, workdir, module)
   mesh = mesh_lib.make_mesh(config.mesh.num_devices)
   mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
   family = module.Family(config, workdir)
@@ -191,12 +194,16 @@ def _write_samples(run: Run, state, step: int) -> None:
     run.family.write_samples(jax.device_get(state), step, run.workdir)
 
 
-def train(config, workdir: str, *, progress: bool | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir` to `config.train.steps`; returns a summary
-  with the final evaluation."""
-  if jax.default_backend() == "cpu":
-    keep_step_memory()  # the step's temporaries stay mapped between steps
-  run = open_run(config, workdir, for_training=True)
+def train_and_evaluate(config, workdir: str, *, family=None,
+                       progress: bool | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir` to `config.train.steps`, evaluating every
+  `train.eval_every` steps; returns a summary with the final evaluation.
+
+  `family`: the family module (None: found from `config.family`). `progress`: show a
+  progress bar (None: when stderr is a terminal). Changes no process-wide setting; on CPU,
+  `aigc_jax.train.memory.keep_step_memory()` (which the CLI applies) makes steps faster.
+  """
+  run = open_run(config, workdir, for_training=True, family=family)
   primary = jax.process_index() == 0  # with several processes, one writes the files
   if primary:
     config_lib.save_config(config, run.workdir)

@@ -82,11 +82,12 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
   records = read_metrics(workdir)
   if not records:
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure of its own, not pyplot: the host's matplotlib backend and figures stay as
+  # they are.
+  from matplotlib.figure import Figure
 
-  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+  fig = Figure(figsize=(5 * len(keys), 3.5))
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys, strict=True):
     by_split: dict[str, dict[int, float]] = {}
     for r in records:  # a resumed run may log a step twice: the later record wins
@@ -107,6 +108,6 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
   out_dir = os.path.join(workdir, "plots")
   os.makedirs(out_dir, exist_ok=True)
   out = os.path.join(out_dir, filename)
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
+  fig.savefig(out + ".tmp", dpi=100, format="png")
+  os.replace(out + ".tmp", out)  # readers never see half a picture
   return out

@@ -75,7 +75,7 @@ def make_supervised_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": _tree_norm(grads),
-               "lr": schedule(state.step), **aux}
+               "lr": jnp.asarray(schedule(state.step), jnp.float32), **aux}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

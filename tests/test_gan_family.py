@@ -23,12 +23,13 @@ def changed(a, b) -> bool:
                                                        strict=True))
 
 
-@pytest.mark.parametrize("loss, extra", [("nonsaturating", {}), ("hinge", {"n_critic": 2}),
-                                         ("wgan", {"n_critic": 3, "gp_weight": 10.0})])
-def test_one_step_updates_both_players_and_the_ema(gan_config, loss, extra):
+@pytest.mark.parametrize("loss, extra, d_norm", [
+    ("nonsaturating", {}, "none"), ("hinge", {"n_critic": 2}, "none"),
+    ("wgan", {"n_critic": 3, "gp_weight": 10.0}, "layer"),
+    ("wgan", {"n_critic": 2, "gp_weight": 10.0, "r1_gamma": 1.0}, "spectral")])
+def test_one_step_updates_both_players_and_the_ema(gan_config, loss, extra, d_norm):
   gan_config.loss.update(name=loss, **extra)
-  if loss == "wgan":
-    gan_config.model.d_norm = "layer"
+  gan_config.model.d_norm = d_norm
   family = Family(gan_config, None)
   state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
   traces = []
@@ -43,6 +44,8 @@ def test_one_step_updates_both_players_and_the_ema(gan_config, loss, extra):
                                                                  new.params["d"])
   assert changed(state.extra["ema"], new.extra["ema"])
   assert changed(state.extra["g_stats"], new.extra["g_stats"])  # BatchNorm statistics
+  # The spectral norm's u: D's training-mode calls update it (the penalties only read it).
+  assert changed(state.extra["d_stats"], new.extra["d_stats"]) == (d_norm == "spectral")
   assert int(new.step) == 1 and np.isfinite(float(metrics["d_loss"]))
   if loss == "wgan":
     assert float(metrics["gp"]) > 0

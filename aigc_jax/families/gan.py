@@ -78,6 +78,17 @@ def _split_module(module):
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
+def _merge_module(graphdef, params, stats, train: bool):
+  """The module from its pure state, in training or evaluation mode. The graphdef holds
+  the mode the module was split in (training), so the mode is set after merging."""
+  module = nnx.merge(graphdef, params, stats)
+  if train:
+    module.train()
+  else:
+    module.eval()
+  return module
+
+
 class Family:
   name = "gan"
   plot_keys = ("d_loss", "g_loss", "fid_classifier")
@@ -122,13 +133,13 @@ class Family:
                       rng=k_train, extra=extra)
 
   def _generate(self, g_params, g_stats, z_BZ, train: bool):
-    g = nnx.merge(self.g_graphdef, g_params, g_stats)
-    images = g(z_BZ, train=train)
+    g = _merge_module(self.g_graphdef, g_params, g_stats, train)
+    images = g(z_BZ)
     return images, nnx.to_pure_dict(nnx.state(g, nnx.BatchStat))
 
   def _discriminate(self, d_params, d_stats, images, train: bool):
-    d = nnx.merge(self.d_graphdef, d_params, d_stats)
-    logits = d(images, train=train)
+    d = _merge_module(self.d_graphdef, d_params, d_stats, train)
+    logits = d(images)
     return logits, nnx.to_pure_dict(nnx.state(d, nnx.BatchStat))
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -146,16 +157,16 @@ class Family:
       fake = jax.lax.stop_gradient(fake)
 
       def loss_fn(d_params):
-        real_logits, stats = self._discriminate(d_params, d_stats, real, True)
-        fake_logits, stats = self._discriminate(d_params, stats, fake, True)
+        d = _merge_module(self.d_graphdef, d_params, d_stats, train=True)
+        real_logits, fake_logits = d(real), d(fake)
         loss = gan_losses.d_loss(lc.name, real_logits, fake_logits, lc.label_smoothing)
-        critic = lambda x: self._discriminate(d_params, stats, x, False)[0]
         penalty = jnp.float32(0.0)
-        if lc.gp_weight > 0:
-          penalty = gan_losses.gradient_penalty(critic, real, fake, k_gp)
+        if lc.gp_weight > 0:  # the penalties read D's statistics, never write them
+          penalty = gan_losses.gradient_penalty(d, real, fake, k_gp)
           loss = loss + lc.gp_weight * penalty
         if lc.r1_gamma > 0:
-          loss = loss + 0.5 * lc.r1_gamma * gan_losses.r1_penalty(critic, real)
+          loss = loss + 0.5 * lc.r1_gamma * gan_losses.r1_penalty(d, real)
+        stats = nnx.to_pure_dict(nnx.state(d, nnx.BatchStat))
         return loss, (stats, real_logits.mean(), fake_logits.mean(), penalty)
 
       (loss, (stats, d_real, d_fake, penalty)), grads = jax.value_and_grad(

@@ -2,6 +2,11 @@
 square images of 8, 28, 32 or 64 pixels (grey or colour), and the classic MLP pair.
 
 G: z [B, Z] -> images [B, H, W, C] in [-1, 1] (tanh). D: images -> logits [B].
+
+Behaviour follows the module's mode, as in NNX: `model.train()` (the mode modules are built
+in) normalises with batch statistics and updates the BatchNorm running averages and the
+spectral norm's power-iteration vector; `model.eval()` (or `nnx.view(model,
+use_running_average=True)`) uses the stored statistics and writes nothing.
 """
 
 from __future__ import annotations
@@ -74,23 +79,33 @@ def upsampling_plan(image_size: int) -> tuple[int, int]:
 
 class SpectralNormConv(nnx.Module):
   """A convolution whose kernel is divided by its largest singular value, estimated by
-  one power iteration per training call with a persistent vector u (Miyato et al.)."""
+  one power iteration per call from a persistent vector u (Miyato et al.).
+
+  Like `nnx.SpectralNorm`, the mode is the `use_running_average` attribute that
+  `train()` / `eval()` set: in training mode the iteration's new u is stored; in
+  evaluation mode u is read only. The output is the same in both modes."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               kernel: int = 4, stride: int = 2, dtype=None):
+               kernel: int = 4, stride: int = 2, dtype=None, use_running_average: bool = False):
     self.dtype = dtype
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
                          padding="SAME", dtype=dtype, rngs=rngs)
     self.stride = stride
     self.u = nnx.BatchStat(jax.random.normal(rngs.params(), (out_features,)))
+    self.use_running_average = use_running_average
 
-  def __call__(self, x_BHWC: jax.Array, update_stats: bool) -> jax.Array:
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by `nnx.view`: use_running_average=True reads u without updating it."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     w_HWIO = self.conv.kernel[...]
     w_MO = w_HWIO.reshape(-1, w_HWIO.shape[-1])
     normalize = lambda v: v / (jnp.linalg.norm(v) + 1e-12)
     v_M = jax.lax.stop_gradient(normalize(w_MO @ self.u[...]))
     u_O = jax.lax.stop_gradient(normalize(w_MO.T @ v_M))
-    if update_stats:
+    if not self.use_running_average:
       self.u[...] = u_O
     sigma = v_M @ w_MO @ u_O  # float32, as the parameters
     dtype = self.dtype or x_BHWC.dtype
@@ -121,9 +136,9 @@ class DCGANGenerator(nnx.Module):
     self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
                          for i in range(k)])
 
-  def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, z_BZ: jax.Array) -> jax.Array:
     B = z_BZ.shape[0]
-    normalize = lambda norm, h: h if norm is None else norm(h, use_running_average=not train)
+    normalize = lambda norm, h: h if norm is None else norm(h)
     h = self.project(z_BZ).reshape(B, self.base, self.base, -1)
     for i, up in enumerate(self.ups):
       h = nnx.relu(normalize(self.norms[i], h))
@@ -162,9 +177,9 @@ class DCGANDiscriminator(nnx.Module):
                   for _ in range(cfg.depth)]) for i in range(k)])
     self.head = nnx.Linear(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, images_BHWC: jax.Array) -> jax.Array:
     def layer(conv, norm, h):
-      h = conv(h, train) if isinstance(conv, SpectralNormConv) else conv(h)
+      h = conv(h)
       return nnx.leaky_relu(h if norm is None else norm(h), 0.2)
 
     h = images_BHWC
@@ -184,7 +199,7 @@ class MLPGenerator(nnx.Module):
                             nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, H * W * C, dtype=dtype, rngs=rngs)])
 
-  def __call__(self, z_BZ: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, z_BZ: jax.Array) -> jax.Array:
     h = nnx.relu(self.layers[0](z_BZ))
     h = nnx.relu(self.layers[1](h))
     out = at_least_float32(jnp.tanh(self.layers[2](h)))
@@ -199,7 +214,7 @@ class MLPDiscriminator(nnx.Module):
                             nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, 1, dtype=dtype, rngs=rngs)])
 
-  def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, images_BHWC: jax.Array) -> jax.Array:
     h = nnx.leaky_relu(self.layers[0](images_BHWC.reshape(images_BHWC.shape[0], -1)), 0.2)
     h = nnx.leaky_relu(self.layers[1](h), 0.2)
     return at_least_float32(self.layers[2](h)[:, 0])

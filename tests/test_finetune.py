@@ -117,12 +117,14 @@ def test_sft_masks_the_prompt_and_uses_the_chat_template(pretrained, tmp_path):
 def test_merged_export_matches_the_fine_tuned_model(pretrained, tmp_path):
   directory, _, _ = pretrained
   workdir, out = tmp_path / "run", tmp_path / "export"
+  # Run with a shorter context than the file's 256: the export keeps the file's.
   config = _config(directory, **{"train.steps": 4, "train.eval_at_start": False,
-                                 "train.eval_every": 4})
+                                 "train.eval_every": 4, "model.max_seq_len": 200})
   train_and_evaluate(config, str(workdir), progress=False)
   result = run_cli("export", "--workdir", str(workdir), "--format", "safetensors",
                    "--out", str(out))
   assert result.returncode == 0, result.stderr
+  assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 256
   run = open_run(config, str(workdir), for_training=False)
   tokens = np.random.default_rng(0).integers(0, 300, size=(2, 11)).astype(np.int32)
   ours = np.asarray(run.family.model(run.state)(tokens))
@@ -204,3 +206,41 @@ def test_micro_batches_are_weighted_by_their_response_tokens(pretrained):
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_tasks_are_separate_family_classes(pretrained):
+  from aigc_jax.families.finetune import Family
+  from aigc_jax.families.finetune_classify import ClassifyFamily
+  from aigc_jax.families.finetune_sft import SftFamily
+
+  sft = Family(_config(pretrained[0]), None)
+  classify = Family(_config(pretrained[0], **{"task.name": "classify", "data.name": "vader"}),
+                    None)
+  assert type(sft) is SftFamily and type(classify) is ClassifyFamily
+  assert sft.name == classify.name == "finetune"
+  assert classify.plot_keys == ("loss", "accuracy") and sft.plot_keys == ("loss",)
+  with pytest.raises(UserError, match="no text to sample"):
+    classify.cli_sample(None, "", {})
+
+
+def test_dropout_acts_in_the_train_step_only(pretrained):
+  """Model and adapter dropout draw from the step's key; the state holds parameters only;
+  evaluation is deterministic."""
+  from aigc_jax.families.finetune import Family
+
+  family = Family(_config(pretrained[0], **{"model.dropout": 0.2, "lora.dropout": 0.2}), None)
+  state = family.load_weights(jax.jit(family.init_state)(jax.random.PRNGKey(0)))
+  leaves = {**_leaves_by_path(state.params), **_leaves_by_path(state.frozen)}
+  assert not [p for p in leaves if "rngs" in p or "count" in p or p.endswith(".key")]
+  batch = next(family.train_data)
+  step = jax.jit(family.train_step)
+  loss_a = step(state, batch)[1]["loss"]
+  np.testing.assert_array_equal(step(state, batch)[1]["loss"], loss_a)  # the same key
+  loss_b = step(state.replace(rng=jax.random.PRNGKey(9)), batch)[1]["loss"]
+  assert abs(float(loss_a) - float(loss_b)) > 1e-4
+  eval_step = jax.jit(family.eval_step)
+  np.testing.assert_array_equal(eval_step(state, batch)["nll_sum"],
+                                eval_step(state, batch)["nll_sum"])
+  plain = Family(_config(pretrained[0]), None)
+  np.testing.assert_allclose(eval_step(state, batch)["nll_sum"],
+                             jax.jit(plain.eval_step)(state, batch)["nll_sum"], rtol=1e-5)

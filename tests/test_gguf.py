@@ -71,6 +71,7 @@ def test_every_tensor_lands_where_it_belongs(tmp_path):
           cfg.vocab_size, cfg.rope_base, cfg.tie_embeddings) == (L, N, K, D, F, V, 5000.0,
                                                                  False)
   assert cfg.norm_eps == pytest.approx(1e-5)
+  assert cfg.max_seq_len == cfg.pretrained_max_seq_len == 32  # the file's context length
   eq = np.testing.assert_array_equal
   eq(params["embed"]["embedding"], hf["token_embd.weight"])
   eq(params["final_norm"]["scale"], hf["output_norm.weight"])
@@ -86,8 +87,9 @@ def test_every_tensor_lands_where_it_belongs(tmp_path):
     eq(p["mlp"]["down"]["kernel"], hf[b + "ffn_down.weight"].T)
     eq(p["attn_norm"]["scale"], hf[b + "attn_norm.weight"])
     eq(p["mlp_norm"]["scale"], hf[b + "ffn_norm.weight"])
-  model, _ = load_gguf(str(tmp_path / "m.gguf"))  # the params fit the model built from it
+  model, _ = load_gguf(str(tmp_path / "m.gguf"), max_seq_len=8)  # the params fit the model
   assert model(np.zeros((1, 3), np.int32)).shape == (1, 3, V)
+  assert (model.cfg.max_seq_len, model.cfg.pretrained_max_seq_len) == (8, 32)
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -110,6 +112,7 @@ def test_smollm2_completes_the_capital_of_france_with_paris():
 
   model, tok = load_gguf(smollm2_path(), max_seq_len=32)
   assert model.cfg.num_layers == 30 and model.cfg.num_kv_heads == 3
+  assert model.cfg.pretrained_max_seq_len == 8192  # what an export writes
   prompt = tok.encode("The capital of France is")
   out = generate(model, [prompt], max_new_tokens=3, key=jax.random.PRNGKey(0),
                  temperature=0.0)[0]

@@ -2,6 +2,7 @@
 `transformers` expects it (its LlamaForCausalLM computes our logits), bad folders get one
 clear error."""
 
+import dataclasses
 import json
 
 import jax
@@ -12,7 +13,7 @@ from aigc_jax.errors import UserError
 
 pytest.importorskip("safetensors", reason="HF checkpoints need `safetensors` (dev extra)")
 
-from aigc_jax.pretrained.hf import load_hf, read_hf  # noqa: E402
+from aigc_jax.pretrained.hf import export_hf, load_hf, read_hf  # noqa: E402
 from tests.tiny_llama import write_tiny_hf  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def tiny_hf(request, tmp_path_factory):
 def test_export_import_round_trip_is_exact(tiny_hf):
   directory, cfg, params, tokenizer = tiny_hf
   got_cfg, got = read_hf(str(directory))
-  assert got_cfg == cfg
+  assert got_cfg == dataclasses.replace(cfg, pretrained_max_seq_len=cfg.max_seq_len)
   jax.tree.map(np.testing.assert_array_equal, got, params)
   model, got_tok = load_hf(str(directory))
   text = "def f(x):\n    return x  # <|im_end|> stays text"
@@ -66,6 +67,30 @@ def test_transformers_llama_computes_our_logits(tiny_hf):
   with torch.no_grad():
     theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=2e-4)
+
+
+def test_export_of_a_model_loaded_shorter_keeps_the_original_context(tiny_hf, tmp_path):
+  """Loaded with max_seq_len=64 (a smaller KV cache bound), the model still exports the
+  file's context length, and `transformers` computes its logits from the export."""
+  torch = pytest.importorskip("torch", reason="the cross-check needs PyTorch (dev extra)")
+  transformers = pytest.importorskip("transformers",
+                                     reason="the cross-check needs `transformers` (dev extra)")
+  from flax import nnx
+
+  directory, cfg, _, tokenizer = tiny_hf
+  assert cfg.max_seq_len == 256
+  model, _ = load_hf(str(directory), max_seq_len=64)
+  assert (model.cfg.max_seq_len, model.cfg.pretrained_max_seq_len) == (64, 256)
+  out = tmp_path / "export"
+  export_hf(str(out), model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer)
+  assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 256
+  assert read_hf(str(out))[0].max_seq_len == 256
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 13)).astype(np.int32)
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+  assert hf.config.max_position_embeddings == 256
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(tokens)), theirs, atol=2e-4, rtol=2e-4)
 
 
 def _edit_config(directory, **changes):

@@ -66,11 +66,26 @@ def test_lora_dropout_is_random_only_in_training():
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: jnp.ones_like(x) * 0.05 if path[-1].key == "b" else x, _params(model))
   nnx.update(model, params)
-  eval_a, eval_b = model(_tokens()), model(_tokens())
+  eval_a, eval_b = model(_tokens()), model(_tokens())  # built in evaluation mode
   np.testing.assert_array_equal(eval_a, eval_b)
-  train_a = model(_tokens(), deterministic=False, rngs=nnx.Rngs(dropout=0))
-  train_b = model(_tokens(), deterministic=False, rngs=nnx.Rngs(dropout=1))
+  model.train()
+  train_a, train_b = model(_tokens()), model(_tokens())  # the adapters' streams advance
   assert float(jnp.abs(train_a - train_b).max()) > 1e-4
+  assert float(jnp.abs(train_a - eval_a).max()) > 1e-4
+  model.eval()
+  np.testing.assert_array_equal(model(_tokens()), eval_a)
+
+
+def test_adapters_start_in_the_models_mode():
+  model = _model()
+  model.train()
+  add_lora(model, TARGETS, rank=2, alpha=4.0, dropout=0.1, rngs=nnx.Rngs(1))
+  assert model.blocks[0].attn.q_proj.lora.dropout.deterministic is False
+  model = _model()
+  add_lora(model, TARGETS, rank=2, alpha=4.0, dropout=0.1, rngs=nnx.Rngs(1))
+  assert model.blocks[0].attn.q_proj.lora.dropout.deterministic is True
+  with pytest.raises(UserError, match="needs a 'dropout' key stream"):
+    add_lora(_model(), TARGETS, rank=2, alpha=4.0, dropout=0.1, rngs=nnx.Rngs(params=1))
 
 
 def test_target_pattern_that_matches_nothing_is_an_error():

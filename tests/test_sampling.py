@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +7,7 @@ import pytest
 from flax import nnx
 
 from aigc_jax import Transformer, TransformerConfig, UserError, generate, sample_logits
+from aigc_jax.models.sampling import GENERATE_STATIC_ARGNAMES, generate_arrays, left_pad
 
 CFG = TransformerConfig(vocab_size=50, num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=16,
                         mlp_dim=32, max_seq_len=40)
@@ -95,3 +98,66 @@ def test_bad_generation_requests(model, prompts, kw, message):
   kw = {"max_new_tokens": 4, "key": jax.random.PRNGKey(0), **kw}
   with pytest.raises(UserError, match=message):
     generate(model, prompts, **kw)
+
+
+PROMPTS = [np.array([3, 4, 5, 6, 7]), np.array([9]), np.array([1, 2])]
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9),
+                                dict(temperature=0.0, repetition_penalty=2.0)],
+                         ids=["greedy", "sampled", "penalty"])
+def test_jitted_generate_arrays_equals_the_list_generate(model, kw):
+  """Arrays in (left-padded prompts of different lengths), arrays out, under jax.jit; an
+  end-of-sequence id that stops one row early shows in the lengths and the padding."""
+  key = jax.random.PRNGKey(4)
+  N = 7
+  free = generate(model, PROMPTS, max_new_tokens=N, key=key, **kw)
+  eos = int(free[0][2])  # row 0 stops after two new ids
+  want = generate(model, PROMPTS, max_new_tokens=N, key=key, eos_id=eos, **kw)
+  tokens_BP, lengths_B = left_pad(PROMPTS)
+  assert tokens_BP.shape == (3, 5) and list(lengths_B) == [5, 1, 2]
+  run = jax.jit(generate_arrays, static_argnames=GENERATE_STATIC_ARGNAMES)
+  new_BN, new_lengths_B = run(model, jnp.asarray(tokens_BP), jnp.asarray(lengths_B), key,
+                              max_new_tokens=N, eos_id=eos, **kw)
+  assert new_BN.shape == (3, N) and new_BN.dtype == jnp.int32
+  assert list(np.asarray(new_lengths_B)) == [len(w) for w in want]
+  assert len(want[0]) <= 2
+  for row, n, w in zip(np.asarray(new_BN), np.asarray(new_lengths_B), want, strict=True):
+    assert list(row[:n]) == list(w)
+    assert (row[n:] == eos).all()
+
+
+def test_generate_arrays_composes_into_a_users_jitted_function(model):
+  @jax.jit
+  def continue_and_score(model, tokens_BP, lengths_B, key):
+    new_BN, _ = generate_arrays(model, tokens_BP, lengths_B, key, max_new_tokens=4,
+                                temperature=0.0)
+    return new_BN, model(new_BN).max(axis=-1)
+
+  tokens_BP, lengths_B = left_pad(PROMPTS)
+  new_BN, score_BN = continue_and_score(model, tokens_BP, lengths_B, jax.random.PRNGKey(0))
+  want = generate(model, PROMPTS, max_new_tokens=4, key=jax.random.PRNGKey(0), temperature=0)
+  np.testing.assert_array_equal(new_BN, np.stack(want))
+  assert score_BN.shape == (3, 4)
+
+
+def test_generation_is_deterministic_in_training_mode():
+  """generate runs with dropout off whatever the model's mode."""
+  m = Transformer(dataclasses.replace(CFG, dropout=0.5), rngs=nnx.Rngs(3))
+  kw = dict(max_new_tokens=6, key=jax.random.PRNGKey(0), temperature=0.0)
+  evaluated = generate(m, PROMPTS, **kw)
+  m.train()
+  for out in (generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw)):
+    for a, b in zip(out, evaluated, strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_generate_arrays_checks_its_inputs(model):
+  tokens_BP, lengths_B = left_pad(PROMPTS)
+  kw = dict(max_new_tokens=4)
+  with pytest.raises(UserError, match=r"prompt lengths must be in \[1, 5\]"):
+    generate_arrays(model, tokens_BP, np.array([5, 0, 2]), jax.random.PRNGKey(0), **kw)
+  with pytest.raises(UserError, match="lengths must have shape"):
+    generate_arrays(model, tokens_BP, lengths_B[:2], jax.random.PRNGKey(0), **kw)
+  with pytest.raises(UserError, match="context"):
+    generate_arrays(model, tokens_BP, lengths_B, jax.random.PRNGKey(0), max_new_tokens=36)

@@ -24,6 +24,8 @@ from aigc_jax.models.transformer import (
   DTYPES,
   Transformer,
   TransformerConfig,
+  detach_dropout_rngs,
+  train_with_key,
 )
 from aigc_jax.train import guard
 from aigc_jax.train.optim import adamw
@@ -136,7 +138,9 @@ class Family:
         config.model, vocab_size=vocab,
         max_seq_len=config.model.max_seq_len or config.data.seq_len)
     abstract_model = nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0)))
-    self.graphdef = nnx.split(abstract_model)[0]
+    # Parameters alone (no dropout keys) in the state; evaluation mode unless a step
+    # switches training on (`_loss`).
+    self.graphdef = nnx.split(detach_dropout_rngs(abstract_model))[0]
     self.tx, self.schedule = adamw(config.optim, config.train.steps)
     self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule,
                                            config.train.grad_accum_steps)
@@ -181,19 +185,19 @@ class Family:
   # --- model ------------------------------------------------------------------------
   def init_state(self, rng: jax.Array) -> TrainState:
     k_params, k_train = jax.random.split(rng)
-    model = Transformer(self.model_cfg, rngs=nnx.Rngs(params=k_params))
+    model = Transformer(self.model_cfg, rngs=nnx.Rngs(params=k_params, dropout=0))
     return TrainState.create(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.tx, k_train)
 
   def model(self, params) -> Transformer:
+    """The model in evaluation mode, its dropout layers without keys (`train_with_key`)."""
     return nnx.merge(self.graphdef, params)
 
   def _loss(self, model, batch, rng, step):
     del step  # the LM's loss follows no schedule
-    deterministic = self.model_cfg.dropout == 0
+    train_with_key(model, rng)  # dropout on, from the step's key (nothing if rate 0)
     targets_BT = batch["targets"]
-    loss = model.nll_sum(batch["inputs"], targets_BT, jnp.ones(targets_BT.shape),
-                         deterministic=deterministic,
-                         rngs=None if deterministic else nnx.Rngs(dropout=rng)) / targets_BT.size
+    loss = model.nll_sum(batch["inputs"], targets_BT,
+                         jnp.ones(targets_BT.shape)) / targets_BT.size
     return loss, {"perplexity": jnp.exp(loss)}
 
   def eval_step(self, state: TrainState, batch) -> dict:

@@ -1,10 +1,12 @@
 """Autoregressive generation for the transformer LM: a compiled prefill, then a compiled
 decode loop over a KV cache, with temperature, top-k and top-p (nucleus) sampling and a
-repetition penalty."""
+repetition penalty.
+
+`generate_arrays` is the array function (jit-able, composable into a user's JAX code);
+`generate` is the host helper over it that takes and returns lists of 1-D id arrays.
+"""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,14 +58,58 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "repetition_penalty", "eos_id"))
-def _generate(graphdef, params, tokens_BP, start_B, key, *, max_new_tokens: int,
-              temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-              eos_id: int):
-  model = nnx.merge(graphdef, params)
+# The arguments of `generate_arrays` that are Python values (static under `jax.jit`).
+GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "temperature", "top_k", "top_p",
+                            "repetition_penalty", "max_len")
+
+
+def _concrete(x) -> np.ndarray | None:
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Array,
+                    key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    eos_id: int | jax.Array = -1,
+                    max_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Continues a batch of left-padded prompts: arrays in, arrays out, callable under
+  `jax.jit` (`static_argnames=GENERATE_STATIC_ARGNAMES`) or inside a user's compiled code.
+
+  tokens_BP: int ids, row b's prompt in its last lengths_B[b] slots (the left padding
+  before it is masked out; any id). lengths_B: int [B], 1 <= length <= P. A compiled
+  prefill, then a `lax.while_loop` decode over a KV cache that stops when every row has
+  produced `eos_id` (-1: never). Dropout is off whatever the model's mode.
+
+  Returns (new_BN int32 [B, max_new_tokens]: each row's new ids, `eos_id` from its first
+  end-of-sequence on; lengths_B int32 [B]: the new ids before it, max_new_tokens if none).
+  """
+  cfg = model.cfg
+  if jnp.ndim(tokens_BP) != 2 or not jnp.issubdtype(jnp.result_type(tokens_BP), jnp.integer):
+    raise UserError(f"tokens must be integer ids of shape [batch, prompt_len], got "
+                    f"{jnp.result_type(tokens_BP)} {jnp.shape(tokens_BP)}")
   B, P = tokens_BP.shape
-  V = model.cfg.vocab_size
+  if jnp.shape(lengths_B) != (B,):
+    raise UserError(f"lengths must have shape [batch] = ({B},), got {jnp.shape(lengths_B)}")
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty)
+  limit = max_len or cfg.max_seq_len
+  if P + max_new_tokens > limit:
+    raise UserError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"model's context of {limit} tokens: shorten the prompt or generate fewer")
+  lengths = _concrete(lengths_B)
+  if lengths is not None and lengths.size and (lengths.min() < 1 or lengths.max() > P):
+    raise UserError(f"prompt lengths must be in [1, {P}] (the prompt width), got "
+                    f"{lengths.tolist()}: every prompt needs at least one token")
+  model = nnx.view(model, deterministic=True, raise_if_not_found=False)
+  V = cfg.vocab_size
+  tokens_BP = jnp.asarray(tokens_BP, jnp.int32)
+  start_B = P - jnp.asarray(lengths_B, jnp.int32)
+  eos_id = jnp.asarray(eos_id, jnp.int32)
   cache = model.init_cache(B, P + max_new_tokens)
   positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - start_B[:, None], 0)
   logits_BPV, cache = model(tokens_BP, positions_BP, cache=cache, cache_index=jnp.int32(0),
@@ -104,7 +150,26 @@ def _generate(graphdef, params, tokens_BP, start_B, key, *, max_new_tokens: int,
     return i + 1, out_BN, cache, done_B | (next_B == eos_id), seen_BV, key
 
   carry = (jnp.int32(1), out_BN, cache, done_B, seen_BV, key)
-  return jax.lax.while_loop(cond, body, carry)[1]
+  out_BN = jax.lax.while_loop(cond, body, carry)[1]
+  is_eos_BN = out_BN == eos_id
+  lengths_B = jnp.where(is_eos_BN.any(axis=1), jnp.argmax(is_eos_BN, axis=1),
+                        max_new_tokens).astype(jnp.int32)
+  return out_BN, lengths_B
+
+
+_generate_jit = jax.jit(generate_arrays, static_argnames=GENERATE_STATIC_ARGNAMES)
+
+
+def left_pad(prompts: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts (1-D arrays of ids) as (tokens [B, P] int32 left-padded with `pad_id`,
+  lengths [B] int32), P the longest prompt: the input of `generate_arrays`."""
+  P = max(len(p) for p in prompts)
+  tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
+  lengths_B = np.zeros(len(prompts), np.int32)
+  for b, p in enumerate(prompts):
+    tokens_BP[b, P - len(p):] = p
+    lengths_B[b] = len(p)
+  return tokens_BP, lengths_B
 
 
 def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: int, key,
@@ -113,7 +178,8 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
              max_len: int | None = None) -> list[np.ndarray]:
   """Continues each prompt (a 1-D array of ids) by up to `max_new_tokens` ids, stopping a
   row at `eos_id` (not included in its output). Prompts of different lengths are
-  left-padded and batched. Returns the new ids of each prompt."""
+  left-padded and batched. Returns the new ids of each prompt. A host-side helper over
+  `generate_arrays` (compiled once per model structure, shapes and settings)."""
   cfg = model.cfg
   if not prompts:
     raise UserError("generate needs at least one prompt")
@@ -126,28 +192,9 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
     if bad.size:
       raise UserError(f"prompt token id {int(bad[0])} is outside the vocabulary "
                       f"[0, {cfg.vocab_size})")
-  if max_new_tokens < 1:
-    raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty)
-  P = max(len(p) for p in prompts)
-  limit = max_len or cfg.max_seq_len
-  if P + max_new_tokens > limit:
-    raise UserError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                    f"model's context of {limit} tokens: shorten the prompt or generate fewer")
-  tokens_BP = np.zeros((len(prompts), P), np.int32)
-  start_B = np.zeros(len(prompts), np.int32)
-  for b, p in enumerate(prompts):
-    tokens_BP[b, P - len(p):] = p
-    start_B[b] = P - len(p)
-  graphdef, params = nnx.split(model)
-  out_BN = np.asarray(_generate(graphdef, params, tokens_BP, start_B, key,
-                                max_new_tokens=max_new_tokens, temperature=float(temperature),
-                                top_k=int(top_k), top_p=float(top_p),
-                                repetition_penalty=float(repetition_penalty),
-                                eos_id=int(eos_id)))
-  results = []
-  for row in out_BN:
-    stop = np.flatnonzero(row == eos_id) if eos_id >= 0 else []
-    results.append(row[:stop[0]] if len(stop) else row)
-  return results
+  tokens_BP, lengths_B = left_pad(prompts)
+  out_BN, out_lengths_B = jax.device_get(_generate_jit(
+      model, tokens_BP, lengths_B, key, max_new_tokens=max_new_tokens,
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+      repetition_penalty=float(repetition_penalty), eos_id=int(eos_id), max_len=max_len))
+  return [row[:n] for row, n in zip(out_BN, out_lengths_B, strict=True)]

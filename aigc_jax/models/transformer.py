@@ -3,6 +3,15 @@
 RMSNorm pre-normalisation, rotary positions, SwiGLU MLP, grouped-query attention,
 optional tied embeddings, dropout and block rematerialisation. Parameters are float32;
 `dtype` is the compute dtype; logits are returned in float32.
+
+Dropout follows NNX's convention: each dropout layer holds its own key stream (forked from
+the 'dropout' stream of the `rngs` the model is built with), and `model.train()` /
+`model.eval()` switch it on and off; no call takes a `deterministic` flag or keys. Unlike a
+bare `nnx.Dropout`, a new `Transformer` starts in evaluation mode (dropout off), so that
+inference and `generate` on a fresh or loaded model are deterministic: call
+`model.train()` before training with dropout. Pure steps that merge the model from a
+parameter dict use `detach_dropout_rngs` (for the graphdef) and `train_with_key` (in the
+step, with the step's key).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
 from aigc_jax.nn.cross_entropy import linear_cross_entropy
 from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
-from aigc_jax.nn.linear import Linear
+from aigc_jax.nn.linear import Linear, dropout_layer
 from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "einsum", "xla", "cudnn", "jax")
@@ -56,6 +65,9 @@ class TransformerConfig:
   # Training/evaluation losses form [B, logits_chunk, V] logits at a time (0: all T at
   # once); see nn.cross_entropy. Worth it when V is large.
   logits_chunk: int = 0
+  # The context length of the pretrained file the weights came from (0: none, or
+  # max_seq_len): what export writes, whatever max_seq_len the model was loaded with.
+  pretrained_max_seq_len: int = 0
 
   @property
   def resolved_head_dim(self) -> int:
@@ -117,26 +129,29 @@ class Block(nnx.Module):
                           param_dtype=jnp.float32, rngs=rngs)
     self.mlp_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
     self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout)
+    self.dropout = dropout_layer(cfg.dropout, rngs)
     self.dtype = dtype
 
-  def __call__(self, x_BTD, angles, cache, cache_index, mask_B1TS, deterministic, rngs):
+  def __call__(self, x_BTD, angles, cache, cache_index, mask_B1TS):
     # Norms run in float32 (the residual stream's dtype); matmuls in the compute dtype.
     h = self.attn_norm(x_BTD).astype(self.dtype)
-    h, cache = self.attn(h, angles, cache=cache, cache_index=cache_index,
-                         mask_B1TS=mask_B1TS, deterministic=deterministic, rngs=rngs)
-    x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
-    h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype), deterministic, rngs)
-    x_BTD = x_BTD + self.dropout(h, deterministic=deterministic, rngs=rngs).astype(jnp.float32)
+    h, cache = self.attn(h, angles, cache=cache, cache_index=cache_index, mask_B1TS=mask_B1TS)
+    x_BTD = x_BTD + self.dropout(h).astype(jnp.float32)
+    h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype))
+    x_BTD = x_BTD + self.dropout(h).astype(jnp.float32)
     return x_BTD, cache
 
 
-def _run_block(block, x, angles, deterministic, rngs):
-  return block(x, angles, None, None, None, deterministic, rngs)[0]
+def _run_block(block, x, angles):
+  return block(x, angles, None, None, None)[0]
 
 
 class Transformer(nnx.Module):
-  """tokens [B, T] int32 -> logits [B, T, V] float32 (and an updated cache when given)."""
+  """tokens [B, T] int32 -> logits [B, T, V] float32 (and an updated cache when given).
+
+  Built in evaluation mode: `model.train()` turns dropout on (cfg.dropout > 0, or LoRA
+  adapters' dropout), `model.eval()` off again.
+  """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -146,15 +161,14 @@ class Transformer(nnx.Module):
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
-    self.embed_dropout = nnx.Dropout(cfg.dropout)
+    self.embed_dropout = dropout_layer(cfg.dropout, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.embed_dim, cfg.vocab_size, dtype=DTYPES[cfg.dtype],
                             param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
                cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
-               start_B: jax.Array | None = None, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
+               start_B: jax.Array | None = None):
     """Without `cache`: causal LM over the T tokens; returns logits_BTV.
 
     With `cache` (from `init_cache`): the tokens occupy absolute slots
@@ -162,45 +176,43 @@ class Transformer(nnx.Module):
     padding before it is masked out and positions count from it). Returns
     (logits_BTV, new_cache).
     """
-    h_BTD, new_cache = self._trunk(tokens_BT, positions_BT, cache, cache_index, start_B,
-                                   deterministic, rngs)
-    logits_BTV = self.logits(h_BTD, deterministic=deterministic, rngs=rngs)
+    h_BTD, new_cache = self._trunk(tokens_BT, positions_BT, cache, cache_index, start_B)
+    logits_BTV = self.logits(h_BTD)
     return logits_BTV if cache is None else (logits_BTV, new_cache)
 
-  def hidden_states(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
-                    deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def hidden_states(self, tokens_BT: jax.Array,
+                    positions_BT: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] -> the final-normed hidden states [B, T, D] (compute dtype) that
     the output layer reads: the features for a task head."""
-    return self._trunk(tokens_BT, positions_BT, None, None, None, deterministic, rngs)[0]
+    return self._trunk(tokens_BT, positions_BT, None, None, None)[0]
 
-  def nll_sum(self, tokens_BT: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
-              deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def nll_sum(self, tokens_BT: jax.Array, targets_BT: jax.Array,
+              weights_BT: jax.Array) -> jax.Array:
     """sum over [B, T] of weights * -log p(target | tokens up to t), float32 (the
     logits made `cfg.logits_chunk` positions at a time when set)."""
-    h_BTD = self.hidden_states(tokens_BT, deterministic=deterministic, rngs=rngs)
+    h_BTD = self.hidden_states(tokens_BT)
     head = None if self.cfg.tie_embeddings else self.lm_head
     # An adapter with dropout on the output layer cannot be merged into one matrix.
-    head_dropout = (head is not None and head.lora is not None and not deterministic
-                    and head.lora.dropout.rate > 0)
+    head_dropout = (head is not None and head.lora is not None
+                    and head.lora.dropout.rate > 0 and not head.lora.dropout.deterministic)
     if self.cfg.logits_chunk and not head_dropout:
       w_DV = (self.embed.embedding[...].astype(DTYPES[self.cfg.dtype]).T if head is None
               else head.merged_kernel())
       return linear_cross_entropy(h_BTD, w_DV, targets_BT, weights_BT, self.cfg.logits_chunk)
-    logits_BTV = self.logits(h_BTD, deterministic=deterministic, rngs=rngs)
+    logits_BTV = self.logits(h_BTD)
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     return (nll_BT * weights_BT).sum()
 
-  def logits(self, h_BTD: jax.Array, *, deterministic: bool = True,
-             rngs: nnx.Rngs | None = None) -> jax.Array:
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
     """Hidden states [B, T, D] -> logits [B, T, V] float32."""
     dtype = DTYPES[self.cfg.dtype]
     if self.cfg.tie_embeddings:
       logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
     else:
-      logits_BTV = self.lm_head(h_BTD, deterministic=deterministic, rngs=rngs)
+      logits_BTV = self.lm_head(h_BTD)
     return logits_BTV.astype(jnp.float32)
 
-  def _trunk(self, tokens_BT, positions_BT, cache, cache_index, start_B, deterministic, rngs):
+  def _trunk(self, tokens_BT, positions_BT, cache, cache_index, start_B):
     """(final-normed hidden states [B, T, D], new cache: a list, empty without one)."""
     cfg = self.cfg
     check_tokens(tokens_BT, cfg.vocab_size)
@@ -212,7 +224,7 @@ class Transformer(nnx.Module):
     else:
       angles = rope_angles(positions_BT, cfg.resolved_head_dim, cfg.rope_base)
     x_BTD = self.embed(tokens_BT).astype(jnp.float32)
-    x_BTD = self.embed_dropout(x_BTD, deterministic=deterministic, rngs=rngs)
+    x_BTD = self.embed_dropout(x_BTD)
     mask_B1TS = None
     if cache is not None:
       S = cache[0].k_BSKH.shape[1]
@@ -225,11 +237,10 @@ class Transformer(nnx.Module):
     new_cache = []
     for i, block in enumerate(self.blocks):
       if cache is None and cfg.remat:
-        x_BTD = nnx.remat(_run_block, static_argnums=(3,))(block, x_BTD, angles,
-                                                           deterministic, rngs)
+        x_BTD = nnx.remat(_run_block)(block, x_BTD, angles)
       else:
         x_BTD, layer_cache = block(x_BTD, angles, None if cache is None else cache[i],
-                                   cache_index, mask_B1TS, deterministic, rngs)
+                                   cache_index, mask_B1TS)
         new_cache.append(layer_cache)
     return self.final_norm(x_BTD).astype(dtype), new_cache
 
@@ -237,3 +248,26 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     return [init_kv_cache(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim,
                           DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]
+
+
+def _dropout_layers(model: nnx.Module) -> list[nnx.Dropout]:
+  return [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Dropout) and m.rate > 0]
+
+
+def detach_dropout_rngs(model: nnx.Module) -> nnx.Module:
+  """`model`, changed in place: its dropout layers hold no key stream, so the state of
+  `nnx.split(model)` is its parameters alone. For pure steps that merge the model from a
+  parameter dict inside `jax.jit` (`train.steps.make_supervised_step`): build the graphdef
+  from the detached model, and call `train_with_key` on the merged one."""
+  for layer in _dropout_layers(model):
+    layer.rngs = None
+  return model
+
+
+def train_with_key(model: nnx.Module, key: jax.Array) -> None:
+  """Training mode for a model merged from parameters alone inside a pure step: every
+  dropout layer (rate > 0) is switched on and draws from its own stream, folded from `key`
+  (the step's key). With no dropout anywhere it does nothing, and the step draws nothing."""
+  for i, layer in enumerate(_dropout_layers(model)):
+    layer.rngs = nnx.RngStream(jax.random.fold_in(key, i), tag="dropout")
+    layer.deterministic = False

@@ -138,16 +138,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | RopeAngles, *,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,
-               mask_B1TS: jax.Array | None = None, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, KVCache | None]:
+               mask_B1TS: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Without a cache: causal attention over the T inputs. With a cache: the inputs are
     written at [cache_index, cache_index + T) and attend to the cache under `mask_B1TS`.
     `positions_BT`: int positions, or their `rope_angles` (computed once for all layers)."""
     B, T, _ = x_BTD.shape
-    kw = dict(deterministic=deterministic, rngs=rngs)  # for LoRA adapters' dropout
-    q_BTNH = self.q_proj(x_BTD, **kw).reshape(B, T, self.num_heads, self.head_dim)
-    k_BTKH = self.k_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
-    v_BTKH = self.v_proj(x_BTD, **kw).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
+    k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
     angles = (positions_BT if isinstance(positions_BT, RopeAngles)
               else rope_angles(positions_BT, self.head_dim, self.rope_base))
     q_BTNH = rotate(q_BTNH, angles)
@@ -162,5 +160,5 @@ class Attention(nnx.Module):
       new_cache = KVCache(k_BSKH, v_BSKH)
       out_BTNH = attend(q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype),
                         mask_B1TS, self.implementation)
-    out_BTD = self.o_proj(out_BTNH.reshape(B, T, self.num_heads * self.head_dim), **kw)
+    out_BTD = self.o_proj(out_BTNH.reshape(B, T, self.num_heads * self.head_dim))
     return out_BTD, new_cache

@@ -4,7 +4,9 @@ y = x @ kernel + (alpha / rank) * dropout(x) @ lora.a @ lora.b
 
 The adapter is added to a built model by `add_lora` (so the base weights keep their
 paths, `...q_proj.kernel`, and load from pretrained files unchanged); `lora.b` starts at
-zero, so at initialization the model computes exactly what the base model computes.
+zero, so at initialization the model computes exactly what the base model computes. The
+adapter's dropout is module-held (`dropout_layer`): `model.train()` turns it on,
+`model.eval()` off.
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn.dense import dense
 
 
+def dropout_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """`nnx.Dropout(rate)` built in evaluation mode (`model.train()` turns it on) and holding
+  its own key stream, tagged 'dropout' (so `nnx.reseed(model, dropout=key)` reseeds it),
+  forked from the 'dropout' stream of `rngs` (or its default stream). With rate 0 it holds
+  no stream and never draws."""
+  if not rate:
+    return nnx.Dropout(rate, deterministic=True)
+  try:
+    key = rngs.dropout()
+  except (AttributeError, KeyError) as e:
+    raise UserError(f"dropout {rate} needs a 'dropout' key stream: build the model with "
+                    "rngs=nnx.Rngs(params=..., dropout=...) (or nnx.Rngs(seed))") from e
+  return nnx.Dropout(rate, deterministic=True, rngs=nnx.RngStream(key, tag="dropout"))
+
+
 class LoraAdapter(nnx.Module):
   """a [I, r] (Kaiming-uniform, as PEFT) and b [r, O] (zeros), scaled by alpha / r."""
 
@@ -30,10 +47,10 @@ class LoraAdapter(nnx.Module):
                                           -bound, bound))
     self.b = nnx.Param(jnp.zeros((rank, out_features), jnp.float32))
     self.scale = alpha / rank
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = dropout_layer(dropout, rngs)
 
-  def __call__(self, x_NI, deterministic: bool, rngs: nnx.Rngs | None):
-    x_NI = self.dropout(x_NI, deterministic=deterministic, rngs=rngs)
+  def __call__(self, x_NI):
+    x_NI = self.dropout(x_NI)
     h_NR = dense(x_NI, self.a[...].astype(x_NI.dtype))
     return dense(h_NR, (self.scale * self.b[...]).astype(x_NI.dtype))
 
@@ -51,12 +68,11 @@ class Linear(nnx.Module):
     self.dtype = dtype
     self.lora: LoraAdapter | None = nnx.data(None)  # a submodule once `add_lora` adds it
 
-  def __call__(self, x_NI: jax.Array, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x_NI: jax.Array) -> jax.Array:
     x_NI = x_NI.astype(self.dtype)
     y_NO = dense(x_NI, self.kernel[...].astype(self.dtype))
     if self.lora is not None:
-      y_NO = y_NO + self.lora(x_NI, deterministic, rngs)
+      y_NO = y_NO + self.lora(x_NI)
     return y_NO
 
   def merged_kernel(self) -> jax.Array:
@@ -96,15 +112,20 @@ def match_paths(paths, patterns, what: str) -> list[str]:
 def add_lora(model: nnx.Module, targets, rank: int, alpha: float, dropout: float = 0.0, *,
              rngs: nnx.Rngs) -> list[str]:
   """Adds a rank-`rank` adapter to every `Linear` whose path matches a target pattern
-  (e.g. r'attn\\.(q|v)_proj$'); returns the adapted paths."""
+  (e.g. r'attn\\.(q|v)_proj$'); returns the adapted paths. The adapters' dropout starts in
+  the model's mode (training if any of its dropout layers is on); a dropout > 0 needs a
+  'dropout' stream in `rngs`."""
   if rank < 1:
     raise UserError(f"LoRA rank must be >= 1, got {rank}")
   layers = module_paths(model)
   paths = match_paths(layers, targets, "LoRA target")
+  deterministic = all(m.deterministic for _, m in nnx.iter_graph(model)
+                      if isinstance(m, nnx.Dropout))
   for path in paths:
     layer = layers[path]
     in_features, out_features = layer.kernel.shape
     layer.lora = LoraAdapter(in_features, out_features, rank, alpha, dropout, rngs=rngs)
+    layer.lora.dropout.deterministic = deterministic
   return paths
 
 

@@ -17,7 +17,5 @@ class SwiGLU(nnx.Module):
     self.up = linear(embed_dim, mlp_dim)
     self.down = linear(mlp_dim, embed_dim)
 
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
-    kw = dict(deterministic=deterministic, rngs=rngs)  # for LoRA adapters' dropout
-    return self.down(nnx.silu(self.gate(x_BTD, **kw)) * self.up(x_BTD, **kw), **kw)
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    return self.down(nnx.silu(self.gate(x_BTD)) * self.up(x_BTD))

@@ -83,6 +83,7 @@ def read_gguf(path: str) -> tuple[TransformerConfig, dict, object]:
                     f"{SUPPORTED_ARCHITECTURES} (Llama-family decoders)")
   tensors = {t.name: t for t in reader.tensors}
   heads = int(_field(reader, f"{arch}.attention.head_count"))
+  context = int(_field(reader, f"{arch}.context_length", 2048))
   kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
   cfg = TransformerConfig(
       vocab_size=int(tensors["token_embd.weight"].shape[-1]),
@@ -90,7 +91,7 @@ def read_gguf(path: str) -> tuple[TransformerConfig, dict, object]:
       num_heads=heads, num_kv_heads=kv_heads,
       embed_dim=int(_field(reader, f"{arch}.embedding_length")),
       mlp_dim=int(_field(reader, f"{arch}.feed_forward_length")),
-      max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)),
+      max_seq_len=context, pretrained_max_seq_len=context,
       rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
       norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
       tie_embeddings="output.weight" not in tensors)

@@ -67,6 +67,7 @@ def read_hf_config(directory: str) -> TransformerConfig:
       embed_dim=int(c["hidden_size"]), mlp_dim=int(c["intermediate_size"]),
       head_dim=head_dim,
       max_seq_len=int(c.get("max_position_embeddings", 2048)),
+      pretrained_max_seq_len=int(c.get("max_position_embeddings", 2048)),
       rope_base=float(c.get("rope_theta", 10000.0)),
       norm_eps=float(c.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(c.get("tie_word_embeddings", False)))
@@ -122,7 +123,9 @@ def load_hf(directory: str, **config_overrides):
 def export_hf(directory: str, cfg: TransformerConfig, params: dict,
               tokenizer: PretrainedTokenizer | None = None, dtype: str = "float32") -> str:
   """Writes config.json + model.safetensors (+ tokenizer files) that Hugging Face
-  `transformers` loads as LlamaForCausalLM; returns the weights' path."""
+  `transformers` loads as LlamaForCausalLM; returns the weights' path. The context length
+  written (`max_position_embeddings`) is the pretrained file's when the model came from
+  one (`cfg.pretrained_max_seq_len`), not the shorter `max_seq_len` it may run with."""
   _, st_numpy = _safetensors()
   if dtype not in ("float32", "bfloat16", "float16"):
     raise UserError(f"export dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -139,7 +142,8 @@ def export_hf(directory: str, cfg: TransformerConfig, params: dict,
       "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.num_layers,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
       "hidden_size": cfg.embed_dim, "intermediate_size": cfg.mlp_dim,
-      "head_dim": cfg.resolved_head_dim, "max_position_embeddings": cfg.max_seq_len,
+      "head_dim": cfg.resolved_head_dim,
+      "max_position_embeddings": cfg.pretrained_max_seq_len or cfg.max_seq_len,
       "rope_theta": cfg.rope_base, "rms_norm_eps": cfg.norm_eps,
       "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
       "attention_bias": False, "mlp_bias": False, "rope_scaling": None,

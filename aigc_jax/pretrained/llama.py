@@ -88,7 +88,10 @@ def check_shapes(expected: dict, got: dict, source: str, prefix: str = "") -> No
 
 
 def build_model(cfg: TransformerConfig, params: dict, source: str, **overrides):
-  """A `Transformer` holding `params` (shapes checked against `cfg` first)."""
+  """A `Transformer` holding `params` (shapes checked against `cfg` first), in evaluation
+  mode; its dropout layers (with a `dropout` override > 0) draw from keys of seed 0
+  (`nnx.reseed(model, dropout=seed)` changes them). `cfg.pretrained_max_seq_len` keeps the
+  file's context length when `max_seq_len` is overridden."""
   from flax import nnx
 
   from aigc_jax.models.transformer import Transformer
@@ -97,4 +100,5 @@ def build_model(cfg: TransformerConfig, params: dict, source: str, **overrides):
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   check_shapes(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, source)
   nnx.update(model, params)
+  nnx.reseed(model, dropout=0)  # concrete keys in place of eval_shape's abstract ones
   return model

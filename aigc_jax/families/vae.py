@@ -1,7 +1,12 @@
 """The VAE as a family on the shared loop: config, image data (dynamic binarization for the
-Bernoulli likelihood), the ELBO step, evaluation (negative ELBO, importance-weighted NLL,
-bits per dimension, active units) and pictures (reconstructions, prior samples, a latent
-interpolation)."""
+Bernoulli likelihood), the ELBO step, evaluation (negative ELBO with its standard error,
+importance-weighted NLL and the ELBO on the same images, bits per dimension, active units)
+and pictures (reconstructions, prior samples, a latent interpolation).
+
+Batches from the loop hold images in [-1, 1] (`ImageBatches`); the model takes [0, 1], so
+the step maps them (and binarizes them for the Bernoulli likelihood). Evaluation images are
+kept in [0, 1], with their positions in the evaluation set (`index`), from which each
+image's posterior noise is folded together with the evaluated step."""
 
 from __future__ import annotations
 
@@ -45,8 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
                  **guard.DEFAULTS)
   c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.0, b1=0.9,
                  b2=0.999, eps=1e-8, grad_clip=0.0)
-  # The importance-weighted NLL at every evaluation on `images` test images: k samples
-  # per image during training, final_k once train.steps is reached (the figure to
+  # The importance-weighted NLL at every evaluation on the first `images` evaluation
+  # images (at most eval_batches x batch_size), beside the ELBO of the same images: k
+  # samples per image during training, final_k once train.steps is reached (the figure to
   # report), drawn `chunk` at a time (memory ~ chunk x 64 decoder passes).
   c.iwae = dict(k=100, final_k=1000, chunk=100, images=512)
   c.sample = dict(num=64)  # prior samples in each grid
@@ -67,12 +73,23 @@ def validate(c) -> None:
   require(c.loss.free_bits >= 0, "loss.free_bits", "must be >= 0 (nats per latent dimension)")
   require(c.iwae.k >= 0 and c.iwae.final_k >= 0 and c.iwae.images >= 0, "iwae",
           "needs k, final_k and images >= 0 (0: off)")
+  n_eval = c.train.eval_batches * c.train.batch_size
+  require(c.iwae.images <= n_eval, "iwae.images",
+          f"must be at most train.eval_batches x train.batch_size = {n_eval} (it takes the "
+          f"first evaluation images, so that the ELBO is reported on the same ones), got "
+          f"{c.iwae.images}")
 
 
 def check_targets(images: np.ndarray, likelihood: str, image_shape) -> None:
-  """Images for a likelihood: [N, H, W, C] of image_shape, in {0, 1} (bernoulli) or
-  [-1, 1] (logistic, gaussian); else one clear error."""
-  image_data.check_images(images, tuple(image_shape))  # the shape, and values in [-1, 1]
+  """The model's images for a likelihood: [N, H, W, C] of image_shape, in {0, 1}
+  (bernoulli) or [0, 1] (logistic, gaussian: 8-bit levels / 255); else one clear error."""
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise UserError(f"images must have shape [N, {', '.join(map(str, image_shape))}] (N, H, W, "
+                    f"C), got {images.shape}: check model.image_size / model.channels")
+  lo, hi = float(images.min()), float(images.max())
+  if lo < -1e-6 or hi > 1.0 + 1e-6:
+    raise UserError(f"the VAE takes images scaled to [0, 1] (uint8 / 255), got values in "
+                    f"[{lo:.3g}, {hi:.3g}]")
   if likelihood == "bernoulli" and not np.isin(images, (0.0, 1.0)).all():
     lo, hi = float(images.min()), float(images.max())
     raise UserError(f"the bernoulli likelihood needs binary images in {{0, 1}}, got values in "
@@ -108,18 +125,18 @@ class Family:
     return self.vae_cfg.likelihood == "bernoulli"
 
   def targets(self, images_m11: np.ndarray, seed: int) -> np.ndarray:
-    """Host images in [-1, 1] -> the likelihood's targets: for bernoulli, binarized with
+    """Host images in [-1, 1] -> the model's images in [0, 1]: for bernoulli, binarized with
     pixel intensity as probability (a fixed draw for `seed`) or at 0.5."""
+    p = ((images_m11 + 1) / 2).astype(np.float32)
     if not self.bernoulli:
-      return images_m11
-    p = (images_m11 + 1) / 2
+      return p
     if self.config.data.binarize == "threshold":
       return (p > 0.5).astype(np.float32)
     return (np.random.default_rng(seed).random(p.shape) < p).astype(np.float32)
 
   def eval_batches(self):
-    """The first train.eval_batches x batch_size test images (binarized once, with a fixed
-    seed, for bernoulli)."""
+    """The first train.eval_batches x batch_size test images in [0, 1] (binarized once, with
+    a fixed seed, for bernoulli) and their positions: {"images": [B, H, W, C], "index": [B]}."""
     if not hasattr(self, "_eval_batches"):
       n = self.config.train.eval_batches * self.config.train.batch_size
       test = self.dataset.test_images
@@ -129,7 +146,9 @@ class Family:
       images = self.targets(image_data.to_unit_range(test[:n]), self.config.seed + 1)
       check_targets(images, self.vae_cfg.likelihood, self.vae_cfg.image_shape)
       B = self.config.train.batch_size
-      self._eval_batches = [{"images": images[i:i + B]} for i in range(0, n, B)]
+      index = np.arange(n, dtype=np.int32)
+      self._eval_batches = [{"images": images[i:i + B], "index": index[i:i + B]}
+                            for i in range(0, n, B)]
     return self._eval_batches
 
   # --- model ------------------------------------------------------------------------
@@ -142,16 +161,11 @@ class Family:
   def model(self, params) -> VAE:
     return nnx.merge(self.graphdef, params)
 
-  def _encoder_input(self, x):
-    return x * 2.0 - 1.0 if self.bernoulli else x  # the encoder always sees [-1, 1]
-
-  def _elbo(self, model: VAE, x, key, beta=1.0, free_bits=0.0):
-    mean, logvar = model.encode(self._encoder_input(x))
-    z = vae_losses.reparameterize(key, mean, logvar)
-    log_px = vae_losses.log_likelihood(self.vae_cfg.likelihood, model.decode(z), x)
-    kl_BZ = vae_losses.gaussian_kl_BZ(mean, logvar)
-    loss_B, elbo_B = vae_losses.elbo_terms(log_px, kl_BZ, beta=beta, free_bits=free_bits)
-    return loss_B, elbo_B, kl_BZ, mean
+  def eval_keys(self, step: jax.Array, index_B: jax.Array) -> jax.Array:
+    """Posterior noise keys [B, 2] for evaluation images at positions index_B, fresh at every
+    evaluated step: fold_in(fold_in(key(seed + 3), step), index)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 3), step)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, index_B)
 
   def kl_weight(self, step: jax.Array) -> jax.Array:
     """beta, ramped linearly from 0 over loss.kl_warmup_steps."""
@@ -162,32 +176,43 @@ class Family:
 
   def _loss(self, model: VAE, batch, rng, step):
     k_bin, k_z = jax.random.split(rng)
-    x = batch["images"]
+    x01 = (batch["images"] + 1) / 2  # the loop's [-1, 1] -> the model's [0, 1]
     if self.bernoulli:  # dynamic binarization: a fresh draw every step
-      p = (x + 1) / 2
-      x = (jax.random.uniform(k_bin, p.shape) < p).astype(jnp.float32) \
-          if self.config.data.binarize == "dynamic" else (p > 0.5).astype(jnp.float32)
-    loss_B, elbo_B, kl_BZ, _ = self._elbo(model, x, k_z, self.kl_weight(step),
-                                          self.config.loss.free_bits)
-    return loss_B.mean(), {"neg_elbo": -elbo_B.mean(), "kl": kl_BZ.sum(-1).mean(),
-                           "kl_weight": self.kl_weight(step)}
+      x01 = (jax.random.uniform(k_bin, x01.shape) < x01).astype(jnp.float32) \
+          if self.config.data.binarize == "dynamic" else (x01 > 0.5).astype(jnp.float32)
+    r = vae_losses.elbo(model, x01, k_z, beta=self.kl_weight(step),
+                        free_bits=self.config.loss.free_bits)
+    return r.loss_B.mean(), {"neg_elbo": -r.elbo_B.mean(), "kl": r.kl_BZ.sum(-1).mean(),
+                             "kl_weight": self.kl_weight(step)}
+
+  def _eval_elbo(self, params, x01, index_B, step) -> vae_losses.Elbo:
+    """The single-sample ELBO of evaluation images, each with its own fresh key."""
+    return vae_losses.elbo(self.model(params), x01, self.eval_keys(step, index_B))
 
   def eval_step(self, state: TrainState, batch) -> dict:
-    """Sums over held-out images: -ELBO (one posterior sample, fixed key), KL, and the
-    posterior means' first and second moments (for active units)."""
+    """Sums over held-out images: -ELBO (one posterior sample per image, its key folded from
+    the image's position and the step) and its square, KL, and the posterior means' first
+    and second moments (for active units)."""
     x = batch["images"]
-    key = jax.random.PRNGKey(self.config.seed + 3)
-    _, elbo_B, kl_BZ, mean_BZ = self._elbo(self.model(state.params), x, key)
-    return {"neg_elbo_sum": -elbo_B.sum(), "kl_sum": kl_BZ.sum(), "count": jnp.float32(x.shape[0]),
-            "mean_sum_Z": mean_BZ.sum(0), "mean_sq_sum_Z": (mean_BZ ** 2).sum(0)}
+    r = self._eval_elbo(state.params, x, batch["index"], state.step)
+    neg_elbo_B = -r.elbo_B
+    return {"neg_elbo_sum": neg_elbo_B.sum(), "neg_elbo_sq_sum": (neg_elbo_B ** 2).sum(),
+            "kl_sum": r.kl_BZ.sum(), "count": jnp.float32(x.shape[0]),
+            "mean_sum_Z": r.mean_BZ.sum(0), "mean_sq_sum_Z": (r.mean_BZ ** 2).sum(0)}
 
   def summarize_eval(self, sums: dict) -> dict:
+    """neg_elbo (nats per image) with neg_elbo_stderr, its standard error over the eval
+    images (image-to-image spread and posterior noise together), kl, bits per dimension,
+    active units and eval_images, the number of images."""
     n = sums["count"]
     variance_Z = sums["mean_sq_sum_Z"] / n - (sums["mean_sum_Z"] / n) ** 2
     neg_elbo = sums["neg_elbo_sum"] / n
-    return {"neg_elbo": neg_elbo, "kl": sums["kl_sum"] / n,
+    variance = max(sums["neg_elbo_sq_sum"] / n - neg_elbo ** 2, 0.0) * n / max(n - 1, 1)
+    return {"neg_elbo": neg_elbo, "neg_elbo_stderr": math.sqrt(variance / n),
+            "kl": sums["kl_sum"] / n,
             "neg_elbo_bits_per_dim": neg_elbo / (self.num_dims * math.log(2)),
-            "active_units": int((variance_Z > ACTIVE_UNIT_THRESHOLD).sum())}
+            "active_units": int((variance_Z > ACTIVE_UNIT_THRESHOLD).sum()),
+            "eval_images": int(n)}
 
   # --- the importance-weighted bound ------------------------------------------------
   @functools.cached_property
@@ -195,77 +220,97 @@ class Family:
     """(params, x [B, ...], key, k) -> log importance weights [k, B] (one compilation per
     chunk size)."""
     def log_weights(params, x, key, k: int):
-      model = self.model(params)
-      mean, logvar = model.encode(self._encoder_input(x))
-      z_KBZ = vae_losses.reparameterize(key, mean, logvar, num=k)
-      K, B, Z = z_KBZ.shape
-      decoded = model.decode(z_KBZ.reshape(K * B, Z))
-      x_K = jnp.broadcast_to(x[None], (K, *x.shape)).reshape(K * B, *x.shape[1:])
-      log_px = vae_losses.log_likelihood(self.vae_cfg.likelihood, decoded, x_K).reshape(K, B)
-      return vae_losses.iwae_log_weights(log_px, z_KBZ, mean, logvar)
+      return vae_losses.iwae_log_weights_of(self.model(params), x, key, k)
     return jax.jit(log_weights, static_argnums=3)
 
+  @functools.cached_property
+  def _neg_elbo_fn(self):
+    """(params, x [B, ...], index [B], step) -> -ELBO [B], as eval_step draws it."""
+    return jax.jit(lambda params, x, index, step: -self._eval_elbo(params, x, index,
+                                                                    step).elbo_B)
+
   def iwae_nll(self, params, images: np.ndarray, k: int, chunk: int, seed: int = 0,
-               batch_size: int = 64) -> np.ndarray:
+               batch_size: int = 64, step: int = 0) -> np.ndarray:
     """-log p(x) estimated with k importance samples per image (the IWAE bound), drawn
-    `chunk` at a time: nats per image [N]."""
+    `chunk` at a time: nats per image [N]. Images in [0, 1]; keys from `seed` and `step`."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), step)
     out = []
     for start in range(0, len(images), batch_size):
       x = images[start:start + batch_size]
       total, drawn = None, 0
       while drawn < k:
         n = min(chunk, k - drawn)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), start * (k + 1) + drawn)
+        key = jax.random.fold_in(base, start * (k + 1) + drawn)
         lse = jax.scipy.special.logsumexp(self._iwae_chunk_fn(params, x, key, n), axis=0)
         total = lse if total is None else jnp.logaddexp(total, lse)
         drawn += n
       out.append(np.asarray(-(total - math.log(k))))
     return np.concatenate(out)
 
+  def eval_neg_elbo(self, params, images: np.ndarray, index: np.ndarray, step: int,
+                    batch_size: int = 64) -> np.ndarray:
+    """-ELBO per image [N] (nats) of evaluation images at positions `index`: the values
+    eval_step sums for them at `step`."""
+    return np.concatenate([
+        np.asarray(self._neg_elbo_fn(params, images[i:i + batch_size],
+                                     index[i:i + batch_size], jnp.int32(step)))
+        for i in range(0, len(images), batch_size)])
+
   def sample_metrics(self, state: TrainState) -> dict:
-    """nll_iwae (nats per image) and bits_per_dim on the first iwae.images eval images,
-    with iwae.final_k samples once training is complete, else iwae.k."""
+    """On the first iwae.images eval images: nll_iwae (nats per image, iwae.final_k samples
+    once training is complete, else iwae.k) and bits_per_dim; iwae_neg_elbo, the -ELBO of
+    the same images as eval_step draws it; iwae_gap = iwae_neg_elbo - nll_iwae (>= 0 up to
+    noise); each with its standard error over the images."""
     c = self.config.iwae
-    k = c.final_k if int(state.step) >= self.config.train.steps else c.k
+    step = int(state.step)
+    k = c.final_k if step >= self.config.train.steps else c.k
     if k == 0 or c.images == 0:
       return {}
-    images = np.concatenate([b["images"] for b in self.eval_batches()])[:c.images]
-    nll = float(self.iwae_nll(state.params, images, k, min(c.chunk, k),
-                              seed=self.config.seed + 5).mean())
-    return {"nll_iwae": nll, "bits_per_dim": nll / (self.num_dims * math.log(2)),
-            "iwae_k": k, "iwae_images": len(images)}
+    batches = self.eval_batches()
+    images = np.concatenate([b["images"] for b in batches])[:c.images]
+    index = np.concatenate([b["index"] for b in batches])[:c.images]
+    nll_N = self.iwae_nll(state.params, images, k, min(c.chunk, k), seed=self.config.seed + 5,
+                          step=step).astype(np.float64)
+    neg_elbo_N = self.eval_neg_elbo(state.params, images, index, step).astype(np.float64)
+    stderr = lambda v: float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+    nll = float(nll_N.mean())
+    return {"nll_iwae": nll, "nll_iwae_stderr": stderr(nll_N),
+            "bits_per_dim": nll / (self.num_dims * math.log(2)),
+            "iwae_neg_elbo": float(neg_elbo_N.mean()), "iwae_neg_elbo_stderr": stderr(neg_elbo_N),
+            "iwae_gap": float((neg_elbo_N - nll_N).mean()),
+            "iwae_gap_stderr": stderr(neg_elbo_N - nll_N), "iwae_k": k, "iwae_images": len(images)}
 
   # --- pictures ---------------------------------------------------------------------
-  def _to_u8(self, decoded) -> np.ndarray:
-    """The likelihood's mean image as uint8."""
-    if self.bernoulli:
-      pixels = jax.nn.sigmoid(decoded) * 2 - 1
-    else:
-      pixels = decoded[0]
-    return np.asarray(jnp.round((pixels + 1) * 127.5).clip(0, 255).astype(jnp.uint8))
-
   @functools.cached_property
   def _picture_fns(self):
-    encode = jax.jit(lambda params, x: self.model(params).encode(self._encoder_input(x))[0])
-    decode = jax.jit(lambda params, z: self.model(params).decode(z))
-    return encode, decode
+    """(params, x [B, ...] in [0, 1]) -> posterior means [B, Z]; (params, z [..., Z]) ->
+    the likelihood's mean images as uint8 [..., H, W, C]."""
+    def to_u8(pixels01):
+      return jnp.round(pixels01 * 255.0).clip(0, 255).astype(jnp.uint8)
+
+    def decode(params, z):
+      model = self.model(params)
+      return to_u8(model.mean_image(model.decode(z)))
+
+    encode = jax.jit(lambda params, x: self.model(params).encode(x)[0])
+    return encode, jax.jit(decode), to_u8
 
   def pictures(self, state: TrainState, num: int, seed: int) -> dict[str, np.ndarray]:
-    """uint8 grids' images: reconstructions (inputs beside outputs), prior samples, and an
-    interpolation between the posterior means of pairs of test images."""
-    encode, decode = self._picture_fns
-    x = self.eval_batches()[0]["images"][:min(num, 32)]
-    recon = self._to_u8(decode(state.params, encode(state.params, x)))
-    inputs = np.asarray(jnp.round((self._encoder_input(x) + 1) * 127.5).astype(jnp.uint8))
-    pairs = np.stack([inputs, recon], 1).reshape(-1, *recon.shape[1:])
+    """uint8 grids' images: reconstructions (inputs beside outputs; min(num, 32) test
+    images, at least 2), `num` prior samples, and interpolations between the posterior means
+    of pairs of test images."""
+    encode, decode, to_u8 = self._picture_fns
+    x = self.eval_batches()[0]["images"][:max(2, min(num, 32))]
+    recon = np.asarray(decode(state.params, encode(state.params, x)))
+    pairs = np.stack([np.asarray(to_u8(x)), recon], 1).reshape(-1, *recon.shape[1:])
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
-    samples = self._to_u8(decode(state.params, z))
+    samples = np.asarray(decode(state.params, z))
     n_paths = min(8, len(x) // 2)  # interpolate between test images i and i + n_paths
     ends = encode(state.params, x[:2 * n_paths])
     a, b = ends[:n_paths], ends[n_paths:]
     t = jnp.linspace(0, 1, 10)[None, :, None]
-    path = (a[:, None] * (1 - t) + b[:, None] * t).reshape(-1, self.vae_cfg.latent_dim)
-    interpolation = self._to_u8(decode(state.params, path))
+    path = a[:, None] * (1 - t) + b[:, None] * t  # [paths, 10, Z]
+    interpolation = np.asarray(decode(state.params, path)).reshape(-1, *recon.shape[1:])
     return {"reconstructions": pairs, "samples": samples, "interpolation": interpolation}
 
   def _write_pictures(self, state, out_dir: str, suffix: str, num: int, seed: int) -> list[str]:

@@ -1,15 +1,17 @@
 """VAE encoders and decoders (Flax NNX): a convolutional pair for square images (the DCGAN
 resolutions: 8, 28, 32, 64) and an MLP pair, with a diagonal-Gaussian posterior.
 
-Encoder: images [B, H, W, C] -> (mean [B, Z], logvar [B, Z]).
-Decoder: z [B, Z] -> Bernoulli logits [B, H, W, C], or (mean, log_scale) [B, H, W, C] each
-for the discretized logistic / Gaussian likelihoods of 8-bit images. Layers compute in
-`dtype` (e.g. bfloat16 on accelerators); both return float32.
+`VAE` is the model to use: images in [0, 1] in, and see its docstring for the API.
+Underneath, an encoder maps images [B, H, W, C] on [-1, 1] to (mean [B, Z], logvar [B, Z]),
+a decoder maps z [B, Z] to Bernoulli logits [B, H, W, C], or to (mean, log_scale)
+[B, H, W, C] each for the discretized logistic / Gaussian likelihoods of 8-bit images.
+Layers compute in `dtype` (e.g. bfloat16 on accelerators); outputs are float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.models.gan import upsampling_plan
-from aigc_jax.models.vae_losses import check_likelihood
+from aigc_jax.models.vae_losses import check_likelihood, reparameterize
 from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
 from aigc_jax.nn.upsample import UpConv2x
 
@@ -90,7 +92,7 @@ class ConvEncoder(nnx.Module):
     h = x_BHWC
     for conv in self.convs:
       h = nnx.gelu(conv(h))
-    h = nnx.gelu(self.hidden(h.reshape(h.shape[0], -1)))
+    h = nnx.gelu(self.hidden(h.reshape(h.shape[0], math.prod(h.shape[1:]))))
     mean, logvar = jnp.split(at_least_float32(self.out(h)), 2, axis=-1)
     return mean, logvar
 
@@ -102,6 +104,7 @@ class ConvDecoder(nnx.Module):
     self.base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [
         cfg.channels * cfg.outputs_per_pixel]
+    self.width0 = widths[0]
     self.hidden = nnx.Linear(cfg.latent_dim, cfg.hidden, dtype=dtype, rngs=rngs)
     self.project = nnx.Linear(cfg.hidden, self.base * self.base * widths[0], dtype=dtype,
                               rngs=rngs)
@@ -111,7 +114,7 @@ class ConvDecoder(nnx.Module):
   def __call__(self, z_BZ: jax.Array):
     B = z_BZ.shape[0]
     h = nnx.gelu(self.hidden(z_BZ))
-    h = self.project(h).reshape(B, self.base, self.base, -1)
+    h = self.project(h).reshape(B, self.base, self.base, self.width0)
     for up in self.ups:
       h = up(nnx.gelu(h))
     return _split_output(self.cfg, h)
@@ -126,7 +129,7 @@ class MLPEncoder(nnx.Module):
                             nnx.Linear(cfg.hidden, 2 * cfg.latent_dim, dtype=dtype, rngs=rngs)])
 
   def __call__(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    h = x_BHWC.reshape(x_BHWC.shape[0], -1)
+    h = x_BHWC.reshape(x_BHWC.shape[0], math.prod(x_BHWC.shape[1:]))
     h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](h))))
     mean, logvar = jnp.split(at_least_float32(self.layers[2](h)), 2, axis=-1)
     return mean, logvar
@@ -145,12 +148,30 @@ class MLPDecoder(nnx.Module):
   def __call__(self, z_BZ: jax.Array):
     h = nnx.gelu(self.layers[1](nnx.gelu(self.layers[0](z_BZ))))
     out = self.layers[2](h).reshape(z_BZ.shape[0], self.cfg.image_size, self.cfg.image_size,
-                                    -1)
+                                    self.cfg.channels * self.cfg.outputs_per_pixel)
     return _split_output(self.cfg, out)
 
 
 class VAE(nnx.Module):
-  """encode(x) -> (mean, logvar); decode(z) -> the likelihood's parameters."""
+  """A VAE with a diagonal-Gaussian posterior, for images in [0, 1].
+
+  Inputs are images as a dataset gives them scaled to [0, 1] (`uint8 / 255`): binarized
+  {0, 1} images for the Bernoulli likelihood, 8-bit grey levels for the logistic and
+  Gaussian ones. The model maps them to the encoder's [-1, 1] itself.
+
+    encode(x [..., H, W, C]) -> (mean [..., Z], logvar [..., Z])
+    decode(z [..., Z]) -> the likelihood's parameters, [..., H, W, C]: Bernoulli logits, or
+      (mean, log_scale) of the pixels on the likelihoods' [-1, 1] scale
+    vae(x [B, H, W, C], rngs) -> (decoded [B, H, W, C], mean [B, Z], logvar [B, Z]): one
+      reparameterized posterior sample z = mean + exp(logvar / 2) * eps per image
+    mean_image(decoded) -> the likelihood's mean image [..., H, W, C] in [0, 1]
+
+  Randomness is explicit: `rngs` is a key, an `nnx.RngStream` or an `nnx.Rngs` (its
+  'sample' stream, else its default one). The module holds parameters only, so its state
+  is the parameter dict that optimizers and checkpoints see, and it behaves the same in
+  `train()` and `eval()` mode (nothing depends on the mode). The objectives that take this
+  module are in `aigc_jax.models.vae_losses` (`elbo`, `iwae_log_weights_of`).
+  """
 
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -158,8 +179,54 @@ class VAE(nnx.Module):
     self.encoder = (ConvEncoder if conv else MLPEncoder)(cfg, rngs=rngs)
     self.decoder = (ConvDecoder if conv else MLPDecoder)(cfg, rngs=rngs)
 
+  def _check_images(self, x, what: str = "images") -> None:
+    if x.ndim < 4 or tuple(x.shape[-3:]) != self.cfg.image_shape:
+      shape = ", ".join(map(str, self.cfg.image_shape))
+      raise UserError(f"VAE {what} must have shape [..., {shape}] ([..., H, W, C]), got "
+                      f"{x.shape}: check model.image_size / model.channels")
+
   def encode(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self.encoder(x_BHWC)
+    """Images [..., H, W, C] in [0, 1] -> the posterior's (mean, logvar), [..., Z] each."""
+    self._check_images(x_BHWC)
+    lead = x_BHWC.shape[:-3]
+    x_NHWC = x_BHWC.reshape(-1, *self.cfg.image_shape)
+    mean_NZ, logvar_NZ = self.encoder(x_NHWC * 2.0 - 1.0)  # the encoder sees [-1, 1]
+    Z = self.cfg.latent_dim
+    return mean_NZ.reshape(*lead, Z), logvar_NZ.reshape(*lead, Z)
 
   def decode(self, z_BZ: jax.Array):
-    return self.decoder(z_BZ)
+    """Latents [..., Z] -> the likelihood's parameters [..., H, W, C] (float32): Bernoulli
+    logits, or a (mean in [-1, 1], log_scale) pair."""
+    if z_BZ.ndim < 1 or z_BZ.shape[-1] != self.cfg.latent_dim:
+      raise UserError(f"VAE latents must have shape [..., {self.cfg.latent_dim}] "
+                      f"(model.latent_dim), got {z_BZ.shape}")
+    lead = z_BZ.shape[:-1]
+    out = self.decoder(z_BZ.reshape(-1, self.cfg.latent_dim))
+    return jax.tree.map(lambda a: a.reshape(*lead, *self.cfg.image_shape), out)
+
+  def __call__(self, x_BHWC: jax.Array, rngs: nnx.Rngs | nnx.RngStream | jax.Array):
+    """(decoded [B, H, W, C], mean [B, Z], logvar [B, Z]) for images [B, H, W, C] in [0, 1]:
+    the decoder's output at one posterior sample per image, drawn with `rngs` (a key, [B]
+    keys for one per image, an nnx.RngStream or an nnx.Rngs)."""
+    mean_BZ, logvar_BZ = self.encode(x_BHWC)
+    z_BZ = reparameterize(sample_key(rngs), mean_BZ, logvar_BZ)
+    return self.decode(z_BZ), mean_BZ, logvar_BZ
+
+  def mean_image(self, decoded) -> jax.Array:
+    """The likelihood's mean image [..., H, W, C] in [0, 1] from decode's output."""
+    if self.cfg.likelihood == "bernoulli":
+      return jax.nn.sigmoid(decoded)
+    return (decoded[0] + 1.0) / 2.0
+
+
+def sample_key(rngs: nnx.Rngs | nnx.RngStream | jax.Array) -> jax.Array:
+  """A key from an explicit key, an RngStream, or an Rngs' 'sample' stream (else its
+  default stream)."""
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.sample()  # falls back to the default stream
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if rngs is None:
+    raise UserError("the VAE samples its latents: pass rngs= a key, an nnx.RngStream or an "
+                    "nnx.Rngs (its 'sample' stream, else its default one)")
+  return rngs

@@ -1,13 +1,17 @@
 """VAE objectives: the diagonal-Gaussian posterior's analytic KL, pixel likelihoods, the
 ELBO (beta weight, free bits) and the importance-weighted bound (IWAE).
 
-Images x are [B, H, W, C] in [-1, 1] (8-bit levels) or in {0, 1} (binarized, Bernoulli).
-Log-probabilities are summed over pixels: nats per image.
+The objectives of a model (`elbo`, `iwae_log_weights_of`) take a `VAE` module and images
+[B, H, W, C] in [0, 1], as the module does: {0, 1} for the Bernoulli likelihood, 8-bit
+levels / 255 for the logistic and Gaussian ones. The pixel likelihoods underneath take
+their targets: {0, 1} (Bernoulli) or levels in [-1, 1] (`likelihood_targets` maps one to
+the other). Log-probabilities are summed over pixels: nats per image.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +37,31 @@ def gaussian_log_prob_BZ(z_BZ, mean_BZ, logvar_BZ) -> jax.Array:
   return -0.5 * (math.log(2 * math.pi) + logvar_BZ + (z_BZ - mean_BZ) ** 2 * jnp.exp(-logvar_BZ))
 
 
+def _is_key_batch(key) -> bool:
+  """[B] typed keys or [B, 2] raw uint32 keys: one key per row of a batch."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key.ndim == 1
+  return key.ndim == 2
+
+
+def standard_normal(key, shape: tuple[int, ...]) -> jax.Array:
+  """N(0, 1) noise of shape [..., B, Z] from one key, or from one key per row ([B] typed or
+  [B, 2] raw keys), so that a row's noise does not depend on the rest of its batch."""
+  if not _is_key_batch(key):
+    return jax.random.normal(key, shape)
+  *lead, B, Z = shape
+  per_row = jax.vmap(lambda k: jax.random.normal(k, (*lead, Z)))(key)  # [B, ..., Z]
+  return jnp.moveaxis(per_row, 0, -2)
+
+
 def reparameterize(key, mean_BZ, logvar_BZ, num: int | None = None) -> jax.Array:
-  """z = mean + sigma * eps: [B, Z], or [num, B, Z] samples."""
+  """z = mean + sigma * eps: [B, Z], or [num, B, Z] samples; `key` is one key or one per
+  row ([B] keys)."""
   if num is not None:
     mean_BZ, logvar_BZ = mean_BZ[None], logvar_BZ[None]  # [1, B, Z]: explicit broadcast
-    return mean_BZ + jnp.exp(0.5 * logvar_BZ) * jax.random.normal(
+    return mean_BZ + jnp.exp(0.5 * logvar_BZ) * standard_normal(
         key, (num, *mean_BZ.shape[1:]))
-  return mean_BZ + jnp.exp(0.5 * logvar_BZ) * jax.random.normal(key, mean_BZ.shape)
+  return mean_BZ + jnp.exp(0.5 * logvar_BZ) * standard_normal(key, mean_BZ.shape)
 
 
 def _sum_pixels(x: jax.Array) -> jax.Array:
@@ -111,3 +133,41 @@ def iwae_log_weights(log_px_KB, z_KBZ, mean_BZ, logvar_BZ) -> jax.Array:
   log_pz = gaussian_log_prob_BZ(z_KBZ, 0.0, jnp.zeros_like(z_KBZ)).sum(-1)
   log_qz = gaussian_log_prob_BZ(z_KBZ, mean_BZ[None], logvar_BZ[None]).sum(-1)
   return log_px_KB + log_pz - log_qz
+
+
+# --- the objectives of a VAE module (aigc_jax.models.vae.VAE) ------------------------------
+
+def likelihood_targets(likelihood: str, x01: jax.Array) -> jax.Array:
+  """Images in [0, 1] -> the pixel likelihood's targets: as given for bernoulli ({0, 1}),
+  else the 8-bit levels on [-1, 1]."""
+  return x01 if likelihood == "bernoulli" else x01 * 2.0 - 1.0
+
+
+class Elbo(NamedTuple):
+  loss_B: jax.Array  # the training loss per image (beta, free bits)
+  elbo_B: jax.Array  # the plain bound log p(x|z) - KL per image, nats
+  kl_BZ: jax.Array  # KL(q(z|x) || p(z)) per latent dimension
+  mean_BZ: jax.Array  # the posterior means
+
+
+def elbo(vae, x_BHWC: jax.Array, rngs, *, beta=1.0, free_bits: float = 0.0) -> Elbo:
+  """The single-sample ELBO of a `VAE` module on images [B, H, W, C] in [0, 1] (analytic
+  KL); `rngs` is what `vae(x, rngs)` takes: a key, [B] keys (one per image), an
+  `nnx.RngStream` or an `nnx.Rngs`."""
+  decoded, mean_BZ, logvar_BZ = vae(x_BHWC, rngs)
+  name = vae.cfg.likelihood
+  log_px_B = log_likelihood(name, decoded, likelihood_targets(name, x_BHWC))
+  kl_BZ = gaussian_kl_BZ(mean_BZ, logvar_BZ)
+  loss_B, elbo_B = elbo_terms(log_px_B, kl_BZ, beta=beta, free_bits=free_bits)
+  return Elbo(loss_B, elbo_B, kl_BZ, mean_BZ)
+
+
+def iwae_log_weights_of(vae, x_BHWC: jax.Array, key, k: int) -> jax.Array:
+  """log importance weights [k, B] of a `VAE` module on images [B, H, W, C] in [0, 1], k
+  posterior samples per image; -log p(x) >= -(logsumexp over k - log k)."""
+  mean_BZ, logvar_BZ = vae.encode(x_BHWC)
+  z_KBZ = reparameterize(key, mean_BZ, logvar_BZ, num=k)
+  name = vae.cfg.likelihood
+  x_KBHWC = jnp.broadcast_to(likelihood_targets(name, x_BHWC)[None], (k, *x_BHWC.shape))
+  log_px_KB = log_likelihood(name, vae.decode(z_KBZ), x_KBHWC)
+  return iwae_log_weights(log_px_KB, z_KBZ, mean_BZ, logvar_BZ)

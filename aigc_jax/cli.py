@@ -167,6 +167,7 @@ def _quiet_background_failures() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+  """The `aigc-jax` entry point (see the module docstring for the commands)."""
   if argv is None and sys.argv[1:2] in (["train"], ["finetune"]):
     # A training process restarts once with the malloc settings that keep the step's
     # memory mapped (train/memory.py; ~2 s of start-up for 10-25 % faster CPU steps).

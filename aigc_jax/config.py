@@ -48,6 +48,7 @@ def require(ok: bool, field: str, problem: str) -> None:
 
 
 def require_positive(cfg, *fields: str) -> None:
+  """Raises UserError unless every dotted `fields` value of `cfg` is > 0."""
   for field in fields:
     value = _get(cfg, field)
     require(value > 0, field, f"must be positive, got {value!r}")
@@ -60,6 +61,7 @@ def _get(cfg, dotted: str):
 
 
 def save_config(cfg, workdir: str) -> str:
+  """Writes `cfg` as workdir/config.json atomically; returns the path."""
   path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -19,6 +19,7 @@ class SeededBatches:
   next_index: int = 0
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
+    """Batch `index`: a dict of [B, ...] numpy arrays, a pure function of (seed, index)."""
     raise NotImplementedError
 
   def __iter__(self):
@@ -30,9 +31,11 @@ class SeededBatches:
     return out
 
   def get_state(self) -> dict:
+    """{"next_index", "seed"}: the position to resume from."""
     return {"next_index": int(self.next_index), "seed": int(self.seed)}
 
   def set_state(self, state: dict) -> None:
+    """Resumes at a position from `get_state` (UserError if the seed differs)."""
     if int(state["seed"]) != self.seed:
       raise UserError(f"the checkpoint's data iterator used seed {state['seed']}, this run "
                       f"{self.seed}: resume with the original seed or start a new workdir")
@@ -57,6 +60,7 @@ class TokenWindows(SeededBatches):
     self._offsets = np.arange(seq_len + 1)
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
+    """{"inputs", "targets"}: [B, T] int32 windows at seeded random offsets."""
     rng = np.random.default_rng([self.seed, index])
     starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
     window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
@@ -102,6 +106,7 @@ class ExampleBatches(SeededBatches):
     return self._perms[epoch]
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
+    """{key: [B, ...]}: rows index*B .. index*B + B - 1 of the epoch-permuted order."""
     positions = index * self.batch_size + np.arange(self.batch_size)
     rows = np.asarray([self._permutation(int(p) // self.size)[int(p) % self.size]
                        for p in positions])

@@ -25,9 +25,11 @@ class ByteTokenizer:
   eos_id = 256
 
   def encode(self, text: str) -> np.ndarray:
+    """text -> ids [N] int32 (its UTF-8 bytes)."""
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
+    """ids -> text (end-of-sequence ids dropped, invalid UTF-8 replaced)."""
     ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
     return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
@@ -36,6 +38,7 @@ class ByteTokenizer:
     return np.ones(self.vocab_size, np.int32)
 
   def save(self, directory: str) -> None:
+    """Writes the tokenizer's description into `directory`."""
     with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp, \
         open(tmp, "w") as f:
       json.dump({"kind": self.kind}, f)
@@ -66,6 +69,7 @@ class BpeTokenizer:
 
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int) -> BpeTokenizer:
+    """A byte-level BPE tokenizer of `vocab_size` ids trained on `texts`."""
     tk = cls._lib()
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -78,16 +82,20 @@ class BpeTokenizer:
 
   @classmethod
   def load(cls, path: str) -> BpeTokenizer:
+    """The tokenizer saved in `directory`."""
     return cls(cls._lib().Tokenizer.from_file(path))
 
   def encode(self, text: str) -> np.ndarray:
+    """text -> ids [N] int32."""
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    """texts -> one ids array [N_i] int32 per text."""
     return [np.asarray(e.ids, np.int32)
             for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: Iterable[int]) -> str:
+    """ids -> text (end-of-sequence ids dropped)."""
     ids = [int(i) for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids
                                       ).reshape(-1) if int(i) != self.eos_id]
     return self._tok.decode(ids, skip_special_tokens=True)
@@ -95,6 +103,7 @@ class BpeTokenizer:
   def token_byte_lengths(self) -> np.ndarray:
     # Byte-level BPE spells each byte as one character, so a token's length in
     # characters is its length in bytes.
+    """[V] int: the UTF-8 length of each token (bits per byte from bits per token)."""
     lengths = np.ones(self.vocab_size, np.int32)
     for i in range(self.vocab_size):
       if i != self.eos_id:
@@ -102,6 +111,7 @@ class BpeTokenizer:
     return lengths
 
   def save(self, directory: str) -> None:
+    """Writes tokenizer.json into `directory`."""
     with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp:
       self._tok.save(tmp)
 

@@ -28,6 +28,9 @@ D_NORMS = ("none", "spectral", "layer")
 
 @dataclasses.dataclass(frozen=True)
 class GanConfig:
+  """The GAN's architecture (the `model` section of a GAN run config); checked on
+  construction (UserError naming the field). arch: dcgan | mlp; images [image_size,
+  image_size, channels] in [-1, 1]; z_dim: the latent size of G's input [B, z_dim]."""
   arch: str = "dcgan"
   image_size: int = 28
   channels: int = 1
@@ -57,10 +60,12 @@ class GanConfig:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images."""
     return (self.image_size, self.image_size, self.channels)
 
   @property
   def compute_dtype(self):
+    """The layers' compute dtype (parameters stay float32)."""
     return layer_dtype(self.dtype)
 
 

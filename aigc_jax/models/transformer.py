@@ -47,6 +47,9 @@ def resolve_attention(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
+  """The transformer's shape and runtime settings (frozen). Sizes: vocab_size V,
+  num_layers L, num_heads N, num_kv_heads K (grouped-query attention when K < N),
+  embed_dim D, mlp_dim F, head_dim H (0: D // N); max_seq_len bounds decoding."""
   vocab_size: int
   num_layers: int
   num_heads: int
@@ -71,6 +74,7 @@ class TransformerConfig:
 
   @property
   def resolved_head_dim(self) -> int:
+    """H: head_dim, or embed_dim // num_heads when head_dim is 0."""
     return self.head_dim or self.embed_dim // self.num_heads
 
   @classmethod
@@ -82,6 +86,7 @@ class TransformerConfig:
     return cls(**values)
 
   def num_params(self, include_embeddings: bool = True) -> int:
+    """The parameter count (optionally without the embedding / output matrices)."""
     D, H = self.embed_dim, self.resolved_head_dim
     attn = D * H * (2 * self.num_heads + 2 * self.num_kv_heads)
     per_layer = attn + 3 * D * self.mlp_dim + 2 * D
@@ -245,6 +250,7 @@ class Transformer(nnx.Module):
     return self.final_norm(x_BTD).astype(dtype), new_cache
 
   def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+    """An empty KV cache: per layer, k and v of shape [batch, max_len, K, H]."""
     cfg = self.cfg
     return [init_kv_cache(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim,
                           DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]

@@ -29,6 +29,9 @@ _MIN_LOG_SCALE = -7.0  # keeps the pixel scale above ~1e-3: 1/4 of an 8-bit leve
 
 @dataclasses.dataclass(frozen=True)
 class VaeConfig:
+  """The VAE's architecture (the `model` section of a VAE run config); checked on
+  construction (UserError naming the field). arch: conv | mlp; images [image_size,
+  image_size, channels]; latent_dim: Z; likelihood: bernoulli | logistic | gaussian."""
   arch: str = "conv"
   image_size: int = 28
   channels: int = 1
@@ -55,14 +58,17 @@ class VaeConfig:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images."""
     return (self.image_size, self.image_size, self.channels)
 
   @property
   def compute_dtype(self):
+    """The layers' compute dtype (parameters stay float32)."""
     return layer_dtype(self.dtype)
 
   @property
   def outputs_per_pixel(self) -> int:
+    """Decoder outputs per pixel and channel: 1 (Bernoulli logits) or 2 (mean, log-scale)."""
     return 1 if self.likelihood == "bernoulli" else 2
 
 

@@ -26,6 +26,7 @@ class KVCache(NamedTuple):
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                   dtype=jnp.float32) -> KVCache:
+  """An empty KVCache: k and v zeros of shape [batch, max_len, num_kv_heads, head_dim]."""
   shape = (batch, max_len, num_kv_heads, head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 

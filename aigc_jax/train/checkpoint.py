@@ -48,6 +48,9 @@ class CheckpointWriteError(UserError):
 
 
 class Checkpointer:
+  """Orbax checkpoints of one run in `directory`: the train state, the data iterator's
+  position and the config per step, saved asynchronously, the newest `keep` kept, verified
+  by CRC-32 on restore."""
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
@@ -59,9 +62,11 @@ class Checkpointer:
         item_names=("state", "data", "config", "checksums"))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """Every saved step, oldest first."""
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
@@ -158,10 +163,12 @@ class Checkpointer:
           "re-run the same command to resume") from e
 
   def wait(self) -> None:
+    """Blocks until the last asynchronous save has committed (raises if it failed)."""
     with self._write_errors():
       self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the last save, then releases Orbax's threads."""
     try:
       with self._write_errors():
         self._manager.wait_until_finished()

@@ -44,9 +44,14 @@ class BatchSource(Protocol):
 
   next_index: int
 
-  def __next__(self) -> Batch: ...
-  def get_state(self) -> dict: ...
-  def set_state(self, state: dict) -> None: ...
+  def __next__(self) -> Batch:
+    """The next batch: a pytree of host arrays with a leading batch axis."""
+
+  def get_state(self) -> dict:
+    """The position (JSON-able) that `set_state` restores."""
+
+  def set_state(self, state: dict) -> None:
+    """Moves to a position `get_state` returned."""
 
 
 @runtime_checkable

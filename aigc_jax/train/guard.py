@@ -52,6 +52,7 @@ def check(metrics, step: int, policy: str, checkpointer) -> None:
 
 
 def validate(c) -> None:
+  """Checks the guard's keys of the `train` config section."""
   t = c.train
   require(t.nan_policy in NAN_POLICIES, "train.nan_policy",
           f"must be one of {NAN_POLICIES}, got {t.nan_policy!r}")

@@ -43,6 +43,7 @@ def prepare_config(config, family=None):
 
 
 def prepare_workdir(workdir: str) -> str:
+  """The absolute workdir, created and checked writable (UserError naming the fix)."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -83,6 +84,7 @@ class Run:
   state_sharding: object = None
 
   def compile_train_step(self, batch):
+    """The guarded train step compiled ahead of time for `batch`'s shapes, state donated."""
     t = self.config.train
     step = guard.guard_step(self.family.train_step, t.spike_sigma, t.spike_window)
     jitted = jax.jit(step,

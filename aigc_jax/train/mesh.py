@@ -23,6 +23,7 @@ def make_mesh(num_devices: int = -1) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that places a whole copy on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 
@@ -32,6 +33,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_divisible(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:
+  """Raises UserError unless `batch_size` splits evenly over the data axis."""
   n = mesh.shape[DATA_AXIS]
   if batch_size % n:
     raise UserError(f"{field}={batch_size} is not divisible by the {n} devices of the data "
@@ -50,4 +52,5 @@ def put_batch(batch, mesh: Mesh):
 
 
 def put_replicated(tree, mesh: Mesh):
+  """`tree` placed whole on every device of `mesh`."""
   return jax.device_put(tree, replicated(mesh))

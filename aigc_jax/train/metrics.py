@@ -40,6 +40,7 @@ class MetricsWriter:
     return record
 
   def close(self) -> None:
+    """Closes the JSONL file and the TensorBoard writer."""
     if self._file is not None:
       self._file.close()
     if self._tb is not None:
@@ -70,6 +71,7 @@ def _to_python(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of workdir/metrics.jsonl (a list of dicts; [] without a file)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []

@@ -34,6 +34,7 @@ class StopRequests:
       self.signum = signum
 
   def requested(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step` (every process answers alike)."""
     if not self.multi_process:
       return self.signum is not None
     from jax.experimental import multihost_utils

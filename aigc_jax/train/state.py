@@ -26,9 +26,11 @@ class TrainState:
 
   @classmethod
   def create(cls, params, tx, rng: jax.Array, extra=None, frozen=None) -> TrainState:
+    """A step-0 state: `params` (a pure dict), `tx.init(params)` as the optimizer state."""
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                rng=rng, extra=extra or {}, frozen=frozen or {})
 
 
 def count_params(tree) -> int:
+  """The number of scalars in a pytree of arrays."""
   return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -62,10 +62,12 @@ class ImageDataset:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the images."""
     return tuple(self.train_images.shape[1:])
 
   @property
   def num_classes(self) -> int:
+    """The number of classes (the largest label + 1)."""
     return int(max(self.train_labels.max(), self.test_labels.max())) + 1
 
 
@@ -203,6 +205,7 @@ def image_data_config() -> dict:
 
 
 def validate_image_data_config(c) -> None:
+  """Checks the `data` section of an image run config (UserError naming the field)."""
   from aigc_jax.config import require
   require(c.data.name in IMAGE_DATASETS, "data.name",
           f"must be one of {sorted(IMAGE_DATASETS)}, got {c.data.name!r}")
@@ -253,6 +256,8 @@ class ImageBatches(SeededBatches):
     self.batch_size, self.seed, self.next_index = batch_size, seed, 0
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
+    """{"images": [B, H, W, C] float32 in [-1, 1], "labels": [B] int32}, drawn from
+    (seed, index)."""
     idx = np.random.default_rng([self.seed, index]).integers(0, len(self.images),
                                                              size=self.batch_size)
     return {"images": to_unit_range(self.images[idx]), "labels": self.labels[idx]}

@@ -19,6 +19,7 @@ _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages"
 
 
 def stdlib_root() -> Path:
+  """The folder of this Python's standard library (the default text corpus)."""
   return Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -123,6 +124,7 @@ def tokenize_documents(tokenizer, docs: list[Document]) -> np.ndarray:
 
 
 def corpus_size_bytes(docs: list[Document]) -> int:
+  """The UTF-8 size of the documents' texts."""
   return sum(len(t.encode("utf-8")) for _, t in docs)
 
 

@@ -76,6 +76,7 @@ class ClassifierFid:
     return frechet_distance(feature_stats(self.features(images_u8)), self.test_stats)
 
   def summary(self) -> dict[str, float]:
+    """{"fid_floor", "classifier_test_accuracy"}: the figures that sit beside fid_classifier."""
     return {"fid_floor": self.fid_floor, "classifier_test_accuracy": self.test_accuracy}
 
 

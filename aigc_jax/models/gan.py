@@ -31,6 +31,7 @@ class GanConfig:
   """The GAN's architecture (the `model` section of a GAN run config); checked on
   construction (UserError naming the field). arch: dcgan | mlp; images [image_size,
   image_size, channels] in [-1, 1]; z_dim: the latent size of G's input [B, z_dim]."""
+
   arch: str = "dcgan"
   image_size: int = 28
   channels: int = 1
@@ -196,6 +197,8 @@ class DCGANDiscriminator(nnx.Module):
 
 
 class MLPGenerator(nnx.Module):
+  """z [B, z_dim] -> images [B, H, W, C] in [-1, 1] through three dense layers."""
+
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     self.cfg = cfg
@@ -212,6 +215,8 @@ class MLPGenerator(nnx.Module):
 
 
 class MLPDiscriminator(nnx.Module):
+  """images [B, H, W, C] -> logits [B] through three dense layers."""
+
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     H, W, C = cfg.image_shape

@@ -24,6 +24,7 @@ OBJECTIVES = ("nonsaturating", "hinge", "wgan")
 
 
 def check_objective(name: str) -> None:
+  """Raises UserError unless `name` is one of OBJECTIVES."""
   if name not in OBJECTIVES:
     raise UserError(f"unknown GAN loss {name!r}{did_you_mean(name, OBJECTIVES)}: use one of "
                     f"{OBJECTIVES}")

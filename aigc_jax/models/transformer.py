@@ -50,6 +50,7 @@ class TransformerConfig:
   """The transformer's shape and runtime settings (frozen). Sizes: vocab_size V,
   num_layers L, num_heads N, num_kv_heads K (grouped-query attention when K < N),
   embed_dim D, mlp_dim F, head_dim H (0: D // N); max_seq_len bounds decoding."""
+
   vocab_size: int
   num_layers: int
   num_heads: int
@@ -123,6 +124,9 @@ def check_tokens(tokens_BT, vocab_size: int) -> None:
 
 
 class Block(nnx.Module):
+  """One pre-norm decoder block, [B, T, D] -> [B, T, D]: x + attn(norm(x)), then
+  x + mlp(norm(x))."""
+
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
     impl = resolve_attention(cfg.attention)

@@ -32,6 +32,7 @@ class VaeConfig:
   """The VAE's architecture (the `model` section of a VAE run config); checked on
   construction (UserError naming the field). arch: conv | mlp; images [image_size,
   image_size, channels]; latent_dim: Z; likelihood: bernoulli | logistic | gaussian."""
+
   arch: str = "conv"
   image_size: int = 28
   channels: int = 1
@@ -85,6 +86,9 @@ def _split_output(cfg: VaeConfig, out_BHWK: jax.Array):
 
 
 class ConvEncoder(nnx.Module):
+  """images [B, H, W, C] in [-1, 1] -> (mean [B, Z], logvar [B, Z]): stride-2 convolutions,
+  then a dense layer."""
+
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     base, k = upsampling_plan(cfg.image_size)
@@ -104,6 +108,9 @@ class ConvEncoder(nnx.Module):
 
 
 class ConvDecoder(nnx.Module):
+  """z [B, Z] -> the likelihood's raw outputs [B, H, W, C * outputs_per_pixel]: a dense
+  layer, then 2x transposed convolutions."""
+
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     self.cfg = cfg
@@ -127,6 +134,8 @@ class ConvDecoder(nnx.Module):
 
 
 class MLPEncoder(nnx.Module):
+  """images [B, H, W, C] in [-1, 1] -> (mean [B, Z], logvar [B, Z]) through two hidden layers."""
+
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     H, W, C = cfg.image_shape
@@ -142,6 +151,8 @@ class MLPEncoder(nnx.Module):
 
 
 class MLPDecoder(nnx.Module):
+  """z [B, Z] -> the likelihood's raw outputs [B, H, W, C * outputs_per_pixel]."""
+
   def __init__(self, cfg: VaeConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
     self.cfg = cfg

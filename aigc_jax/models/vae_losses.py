@@ -23,6 +23,7 @@ _HALF_BIN = 1.0 / 255.0  # half the width of one 8-bit level on [-1, 1]
 
 
 def check_likelihood(name: str) -> None:
+  """Raises UserError unless `name` is one of LIKELIHOODS."""
   if name not in LIKELIHOODS:
     raise UserError(f"unknown VAE likelihood {name!r}{did_you_mean(name, LIKELIHOODS)}: use "
                     f"one of {LIKELIHOODS}")
@@ -34,6 +35,7 @@ def gaussian_kl_BZ(mean_BZ: jax.Array, logvar_BZ: jax.Array) -> jax.Array:
 
 
 def gaussian_log_prob_BZ(z_BZ, mean_BZ, logvar_BZ) -> jax.Array:
+  """log N(z; mean, exp(logvar)) per dimension [B, Z] (nats)."""
   return -0.5 * (math.log(2 * math.pi) + logvar_BZ + (z_BZ - mean_BZ) ** 2 * jnp.exp(-logvar_BZ))
 
 
@@ -144,6 +146,7 @@ def likelihood_targets(likelihood: str, x01: jax.Array) -> jax.Array:
 
 
 class Elbo(NamedTuple):
+  """The terms of `elbo`: per-image loss and bound [B], KL per latent [B, Z], posterior means."""
   loss_B: jax.Array  # the training loss per image (beta, free bits)
   elbo_B: jax.Array  # the plain bound log p(x|z) - KL per image, nats
   kl_BZ: jax.Array  # KL(q(z|x) || p(z)) per latent dimension

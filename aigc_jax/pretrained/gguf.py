@@ -118,6 +118,7 @@ def read_gguf(path: str) -> tuple[TransformerConfig, dict, object]:
 
 
 def gguf_tokenizer(reader) -> PretrainedTokenizer:
+  """The byte-level BPE tokenizer, special ids and chat template stored in a GGUF file."""
   model = _field(reader, "tokenizer.ggml.model")
   if model != "gpt2":
     raise UserError(f"GGUF tokenizer {model!r} is not supported: only byte-level BPE ('gpt2')")

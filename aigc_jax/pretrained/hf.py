@@ -36,6 +36,8 @@ def _safetensors():
 
 
 def read_hf_config(directory: str) -> TransformerConfig:
+  """The TransformerConfig of a Hugging Face Llama folder's config.json (UserError when
+  the folder or architecture does not fit)."""
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"no config.json in {directory!r}: not a Hugging Face checkpoint folder")

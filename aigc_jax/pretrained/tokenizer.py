@@ -16,6 +16,7 @@ from aigc_jax.errors import UserError
 
 
 def tokenizers_lib():
+  """The `tokenizers` package (UserError naming the extra to install when missing)."""
   try:
     import tokenizers
   except ImportError as e:
@@ -29,6 +30,9 @@ def _token_text(token) -> str | None:
 
 
 class PretrainedTokenizer:
+  """A Hugging Face `tokenizers` tokenizer with its BOS/EOS ids and chat template: encode,
+  decode, encode_chat."""
+
   kind = "pretrained"
 
   def __init__(self, tokenizer, bos_id: int, eos_id: int, chat_template: str = ""):
@@ -53,6 +57,7 @@ class PretrainedTokenizer:
 
   @property
   def vocab_size(self) -> int:
+    """The number of token ids (special tokens included)."""
     return self.tokenizer.get_vocab_size()
 
   def _encode(self, text: str, parse_special: bool) -> np.ndarray:
@@ -64,6 +69,7 @@ class PretrainedTokenizer:
     return self._encode(text, parse_special=False)
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    """ids (any shape) -> text."""
     return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                                  skip_special_tokens=skip_special_tokens)
 

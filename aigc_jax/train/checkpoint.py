@@ -51,6 +51,7 @@ class Checkpointer:
   """Orbax checkpoints of one run in `directory`: the train state, the data iterator's
   position and the config per step, saved asynchronously, the newest `keep` kept, verified
   by CRC-32 on restore."""
+
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(

@@ -27,6 +27,8 @@ class MetricsWriter:
       pass
 
   def write(self, step: int, split: str, metrics: dict) -> dict:
+    """Appends {"step", "split", **metrics} to metrics.jsonl (and TensorBoard); returns
+    the record."""
     record = {"step": int(step), "split": split}
     record.update({k: _to_python(v) for k, v in metrics.items()})
     if not self.enabled:

@@ -219,3 +219,24 @@ def test_a_users_own_loop_trains_the_gan_on_fashion_mnist():
   assert float(jnp.abs(y_train - y_eval).mean()) > 1e-3
   assert all(not np.array_equal(a, b)
              for a, b in zip(trained_stats, batch_stats(g), strict=True))
+
+
+def test_penalties_refuse_a_critic_with_batch_statistics():
+  class BatchNormCritic(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.norm = nnx.BatchNorm(4, rngs=rngs)
+      self.out = nnx.Linear(4 * 8 * 8, 1, rngs=rngs)
+
+    def __call__(self, x_BHWC):
+      h = self.norm(self.conv(x_BHWC))
+      return self.out(h.reshape(x_BHWC.shape[0], -1))[:, 0]
+
+  critic = BatchNormCritic(nnx.Rngs(0))
+  real = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+  with pytest.raises(UserError, match="BatchNorm at norm in training mode"):
+    gradient_penalty(critic, real, -real, jax.random.PRNGKey(1))
+  with pytest.raises(UserError, match="pass critic.eval"):
+    r1_penalty(critic, real)
+  critic.eval()  # running averages: examples independent, the penalty is defined
+  assert np.isfinite(float(r1_penalty(critic, real)))

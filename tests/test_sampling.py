@@ -157,7 +157,26 @@ def test_generate_arrays_checks_its_inputs(model):
   kw = dict(max_new_tokens=4)
   with pytest.raises(UserError, match=r"prompt lengths must be in \[1, 5\]"):
     generate_arrays(model, tokens_BP, np.array([5, 0, 2]), jax.random.PRNGKey(0), **kw)
-  with pytest.raises(UserError, match="lengths must have shape"):
+  with pytest.raises(UserError, match=r"lengths must be integers of shape \[batch\]"):
     generate_arrays(model, tokens_BP, lengths_B[:2], jax.random.PRNGKey(0), **kw)
   with pytest.raises(UserError, match="context"):
     generate_arrays(model, tokens_BP, lengths_B, jax.random.PRNGKey(0), max_new_tokens=36)
+
+
+def test_traced_generate_arrays_gives_invalid_rows_no_tokens():
+  cfg = TransformerConfig(vocab_size=50, num_layers=1, num_heads=2, num_kv_heads=2,
+                          embed_dim=16, mlp_dim=32, max_seq_len=32)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  jitted = jax.jit(generate_arrays, static_argnames=GENERATE_STATIC_ARGNAMES)
+  tokens_BP = np.array([[0, 3, 4, 5], [0, 0, 7, 8], [1, 2, 3, 4], [0, 99, 3, 4]], np.int32)
+  lengths_B = np.array([3, 0, 5, 3], np.int32)  # rows 1-2: bad lengths; row 3: id 99 >= V
+  new_BN, new_lengths_B = jitted(model, tokens_BP, lengths_B, jax.random.PRNGKey(0),
+                                 max_new_tokens=4, temperature=0.0)
+  assert new_lengths_B.tolist() == [4, 0, 0, 0]
+  assert (np.asarray(new_BN)[1:] == -1).all() and (np.asarray(new_BN)[0] >= 0).all()
+  eager = generate(model, [tokens_BP[0, 1:]], max_new_tokens=4, key=jax.random.PRNGKey(0),
+                   temperature=0.0)
+  np.testing.assert_array_equal(eager[0], new_BN[0])  # valid rows are unaffected
+  with pytest.raises(UserError, match="lengths must be integers"):
+    jitted(model, tokens_BP, lengths_B.astype(np.float32), jax.random.PRNGKey(0),
+           max_new_tokens=4, temperature=0.0)

@@ -272,6 +272,19 @@ def test_bad_inputs_get_one_clear_error(vae_config):
   vae_config.model.image_size = 28
   with pytest.raises(UserError, match=r"shape \(8, 8, 1\).*model.image_size=8"):
     next(Family(vae_config, None).train_data)
+  vae = VAE(VaeConfig(image_size=8, latent_dim=4, width=8, hidden=16), rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match=r"must lie in \[0, 1\].*got values in \[-1, 1\]"):
+    vae.encode(jnp.linspace(-1, 1, 64).reshape(1, 8, 8, 1))  # the old [-1, 1] scale
+
+
+def test_iwae_images_are_checked_only_when_iwae_runs(vae_config):
+  vae_config.model.image_size = 8
+  n_eval = vae_config.train.eval_batches * vae_config.train.batch_size
+  vae_config.iwae.images = n_eval + 1
+  with pytest.raises(UserError, match="'iwae.images' must be at most"):
+    prepare_config(vae_config)
+  vae_config.iwae.k = vae_config.iwae.final_k = 0
+  prepare_config(vae_config)  # IWAE off: the image count is not used
 
 
 def test_cli_train_sample_eval(tmp_path):

@@ -74,7 +74,8 @@ def validate(c) -> None:
   require(c.iwae.k >= 0 and c.iwae.final_k >= 0 and c.iwae.images >= 0, "iwae",
           "needs k, final_k and images >= 0 (0: off)")
   n_eval = c.train.eval_batches * c.train.batch_size
-  require(c.iwae.images <= n_eval, "iwae.images",
+  iwae_on = c.iwae.k > 0 or c.iwae.final_k > 0
+  require(not iwae_on or c.iwae.images <= n_eval, "iwae.images",
           f"must be at most train.eval_batches x train.batch_size = {n_eval} (it takes the "
           f"first evaluation images, so that the ELBO is reported on the same ones), got "
           f"{c.iwae.images}")

@@ -60,6 +60,15 @@ def critic_fn(critic: Critic) -> Callable[[jax.Array], jax.Array]:
   its parameters."""
   if not isinstance(critic, nnx.Module):
     return critic
+  batch_stats = [path for path, m in nnx.iter_graph(critic)
+                 if isinstance(m, nnx.BatchNorm) and not m.use_running_average]
+  if batch_stats:
+    # Batch statistics couple the examples: the input gradient of one example would
+    # depend on the others, and the penalty would not be the per-example norm it claims.
+    raise UserError(f"the critic normalises with batch statistics (BatchNorm at "
+                    f"{'.'.join(map(str, batch_stats[0])) or 'the top'} in training mode), so "
+                    "its per-example input gradients are not defined: use a critic without "
+                    "BatchNorm (layer or spectral norm) or pass critic.eval()")
   graphdef, state = nnx.split(critic)
   return lambda images_BHWC: nnx.merge(graphdef, state, copy=True)(images_BHWC)
 

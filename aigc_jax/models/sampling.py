@@ -85,14 +85,21 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
 
   Returns (new_BN int32 [B, max_new_tokens]: each row's new ids, `eos_id` from its first
   end-of-sequence on; lengths_B int32 [B]: the new ids before it, max_new_tokens if none).
+
+  Shapes, dtypes and settings are checked always, lengths and ids when their values are
+  concrete (UserError). Under `jax.jit` they cannot raise: a row with a length outside
+  [1, P] or a prompt id outside the vocabulary returns no new tokens (all `eos_id`,
+  length 0).
   """
   cfg = model.cfg
   if jnp.ndim(tokens_BP) != 2 or not jnp.issubdtype(jnp.result_type(tokens_BP), jnp.integer):
     raise UserError(f"tokens must be integer ids of shape [batch, prompt_len], got "
                     f"{jnp.result_type(tokens_BP)} {jnp.shape(tokens_BP)}")
   B, P = tokens_BP.shape
-  if jnp.shape(lengths_B) != (B,):
-    raise UserError(f"lengths must have shape [batch] = ({B},), got {jnp.shape(lengths_B)}")
+  if jnp.shape(lengths_B) != (B,) or not jnp.issubdtype(jnp.result_type(lengths_B),
+                                                         jnp.integer):
+    raise UserError(f"lengths must be integers of shape [batch] = ({B},), got "
+                    f"{jnp.result_type(lengths_B)} {jnp.shape(lengths_B)}")
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
   check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
@@ -116,8 +123,8 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
                             start_B=start_B)
   # The ids each row has seen (its prompt, not the left padding), kept only for a penalty.
   seen_BV = None
+  real_BP = jnp.arange(P)[None, :] >= start_B[:, None]  # the prompt, not its left padding
   if repetition_penalty != 1.0:
-    real_BP = jnp.arange(P)[None, :] >= start_B[:, None]
     seen_BV = jnp.zeros((B, V), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(
         real_BP.astype(jnp.int32)) > 0
 
@@ -128,10 +135,15 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
     next_B = sample_logits(logits_BV, key, temperature, top_k, top_p)
     return next_B, seen_BV.at[jnp.arange(B), next_B].set(True)
 
+  # Traced inputs cannot raise: a row with a length outside [1, P] or a prompt id outside
+  # the vocabulary gets no new tokens (all eos_id, length 0) rather than arbitrary ones.
+  valid_B = ((start_B >= 0) & (start_B < P)
+             & jnp.all(~real_BP | ((tokens_BP >= 0) & (tokens_BP < V)), axis=1))
   key, sub = jax.random.split(key)
   first_B, seen_BV = next_token(logits_BPV[:, -1], seen_BV, sub)
+  first_B = jnp.where(valid_B, first_B, eos_id)
   out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
-  done_B = first_B == eos_id
+  done_B = (first_B == eos_id) | ~valid_B
 
   def cond(carry):
     i, _, _, done_B, _, _ = carry
@@ -153,7 +165,8 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
   out_BN = jax.lax.while_loop(cond, body, carry)[1]
   is_eos_BN = out_BN == eos_id
   lengths_B = jnp.where(is_eos_BN.any(axis=1), jnp.argmax(is_eos_BN, axis=1),
-                        max_new_tokens).astype(jnp.int32)
+                        max_new_tokens)
+  lengths_B = jnp.where(valid_B, lengths_B, 0).astype(jnp.int32)
   return out_BN, lengths_B
 
 

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from aigc_jax.errors import UserError
@@ -201,6 +202,13 @@ class VAE(nnx.Module):
       shape = ", ".join(map(str, self.cfg.image_shape))
       raise UserError(f"VAE {what} must have shape [..., {shape}] ([..., H, W, C]), got "
                       f"{x.shape}: check model.image_size / model.channels")
+    try:
+      values = np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return  # traced: the range is the caller's (the family checks its data)
+    if values.size and (values.min() < 0 or values.max() > 1):
+      raise UserError(f"VAE {what} must lie in [0, 1] (uint8 / 255; binarized for Bernoulli "
+                      f"pixels), got values in [{values.min():.3g}, {values.max():.3g}]")
 
   def encode(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Images [..., H, W, C] in [0, 1] -> the posterior's (mean, logvar), [..., Z] each."""

@@ -97,37 +97,42 @@ def registered_families() -> dict[str, str]:
   return {point.name: point.value for point in points}
 
 
-def _module_path(name: str) -> str | None:
+def family_module_path(family: str) -> str:
+  """The module a config's `family` names, without importing it: a registered name's
+  entry point, else a module of `aigc_jax.families`, else a top-level module; a dotted
+  path as it is. Raises UserError for anything else."""
+  if (not isinstance(family, str) or not family or family.startswith(".")
+      or family.endswith(".") or ".." in family):
+    raise UserError(f"config 'family' must be a family name or a dotted module path, got "
+                    f"{family!r}")
+  if "." in family:
+    return family
   registered = registered_families()
-  if name in registered:
-    return registered[name]
-  fallback = f"{BUILTIN_PACKAGE}.{name}"
-  return fallback if not registered and importlib.util.find_spec(fallback) else None
+  if family in registered:
+    return registered[family]
+  for path in (f"{BUILTIN_PACKAGE}.{family}", family):  # a source checkout; a plain module
+    if importlib.util.find_spec(path) is not None:
+      return path
+  names = sorted(registered)
+  raise UserError(f"unknown family {family!r}{did_you_mean(family, names)}: choose one of "
+                  f"{names} or give a dotted module path (my_package.my_family)")
 
 
 def load_family(family: str | ModuleType) -> ModuleType:
-  """The family module for a config's `family` value: a built-in name, a dotted module
-  path or the module itself; raises UserError naming the problem."""
+  """The family module for a config's `family` value (see `family_module_path`) or the
+  module itself, checked to provide the family's names; raises UserError naming the
+  problem."""
   if isinstance(family, ModuleType):
     module = family
-  elif not isinstance(family, str) or not family:
-    raise UserError(f"config 'family' must be a family name or a dotted module path, got "
-                    f"{family!r}")
-  elif "." in family:
+  else:
+    path = family_module_path(family)
     try:
-      module = importlib.import_module(family)
+      module = importlib.import_module(path)
     except ModuleNotFoundError as e:
-      if e.name is None or not family.startswith(e.name):
+      if e.name is None or not (path == e.name or path.startswith(e.name + ".")):
         raise  # the module exists but one of its own imports failed: a bug, not a path
       raise UserError(f"config 'family' {family!r}: no module {e.name!r} can be imported; "
                       "check the dotted path and that its package is on PYTHONPATH") from e
-  else:
-    path = _module_path(family)
-    if path is None:
-      names = sorted(registered_families())
-      raise UserError(f"unknown family {family!r}{did_you_mean(family, names)}: choose one of "
-                      f"{names} or give a dotted module path (my_package.my_family)")
-    module = importlib.import_module(path)
   missing = [name for name in MODULE_NAMES if not callable(getattr(module, name, None))]
   if missing:
     raise UserError(f"module {module.__name__!r} is not a model family: it lacks "

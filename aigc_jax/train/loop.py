@@ -23,7 +23,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.checkpoint import Checkpointer
-from aigc_jax.train.family import load_family
+from aigc_jax.train.family import family_module_path, load_family
 from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
 from aigc_jax.train.preemption import StopRequests, stop_requests
@@ -36,6 +36,10 @@ def prepare_config(config, family=None):
     raise UserError("config has no 'family' key: start from a family's default_config(), "
                     "e.g. aigc_jax.families.lm.default_config()")
   module = load_family(config.family if family is None else family)
+  if family is not None and family_module_path(config.family) != module.__name__:
+    # The saved config must name the module that trained, or eval/resume would load another.
+    raise UserError(f"config 'family' is {config.family!r}, but the run was given the family "
+                    f"module {module.__name__!r}: set config.family = {module.__name__!r}")
   config_lib.check_against_defaults(config, module.default_config())
   module.validate(config)
   guard.validate(config)

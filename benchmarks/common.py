@@ -16,7 +16,7 @@ import numpy as np
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.memory import keep_step_memory
-from benchmarks.flops import count_matmul_flops
+from benchmarks.flops import compiled_matmul_flops, count_matmul_flops
 
 # Dense bfloat16 datasheet peaks per chip, TFLOP/s; matched against device_kind.
 DATASHEET_PEAK_TFLOPS = {"h100": 989, "h200": 989, "a100": 312, "v4": 275, "v5e": 197,
@@ -74,24 +74,29 @@ def _first(analysis):
   return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
 
-def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -> dict:
-  """Compiles `family.train_step` as the training loop does (inside the non-finite guard,
-  replicated state, donated, batch sharded over all devices) and times it: lowering and
-  compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
-  matmul + convolution FLOPs of the step's jaxpr, XLA's FLOPs, and memory."""
+def compile_step(family, host_batch, max_devices: int = 0) -> dict:
+  """`family.train_step` compiled as the training loop compiles it (inside the non-finite
+  guard, replicated state, donated, batch sharded over all devices): the initial state,
+  the sharded batch, the mesh, the compiled step, lowering and compile seconds, and the
+  matmul + convolution FLOPs of one step counted twice: from the step's jaxpr, dead code
+  removed ("jaxpr_flops_per_step"), and from the compiled program
+  ("compiled_flops_per_step", summed over devices; None, with "compiled_flops_error", when
+  its HLO holds a custom call that benchmarks.flops cannot read). The mesh has every
+  device that can take an equal share of the batch, at most max_devices (0: no limit).
+  On several devices the two counts may differ: work a device repeats (a replicated
+  computation) counts once per device, and a weight gradient over a one-example shard
+  contracts nothing (an outer product, not counted)."""
   if jax.default_backend() == "cpu":
     keep_step_memory()  # as the training loop does
   # Every device that can take an equal share of the batch (all of them, normally).
   batch_size = len(jax.tree.leaves(host_batch)[0])
-  mesh = mesh_lib.make_mesh(max(n for n in range(1, jax.device_count() + 1)
-                                if batch_size % n == 0))
+  limit = min(max_devices or jax.device_count(), jax.device_count())
+  mesh = mesh_lib.make_mesh(max(n for n in range(1, limit + 1) if batch_size % n == 0))
   rep = mesh_lib.replicated(mesh)
   state = jax.jit(lambda rng: guard.init(family.init_state(rng)),
                   out_shardings=rep)(jax.random.PRNGKey(0))
   train_step = guard.guard_step(family.train_step)
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   batch = mesh_lib.put_batch(host_batch, mesh)
-  jaxpr_flops = count_matmul_flops(train_step, state, batch)
   shardings = jax.tree.map(lambda _: rep, state)
   jitted = jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, rep), donate_argnums=0)
@@ -100,7 +105,25 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  holder = {"state": state}
+  out = {"state": state, "batch": batch, "mesh": mesh, "compiled": compiled,
+         "lower_s": t1 - t0, "compile_s": t2 - t1,
+         "jaxpr_flops_per_step": count_matmul_flops(train_step, state, batch)}
+  try:
+    out["compiled_flops_per_step"] = compiled_matmul_flops(compiled)
+  except ValueError as e:  # e.g. an accelerator's custom call; reported, not guessed
+    out.update(compiled_flops_per_step=None, compiled_flops_error=str(e))
+  return out
+
+
+def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -> dict:
+  """Compiles the step (`compile_step`) and times it: lowering and compile seconds, median
+  / min / spread of `steps` synchronised steps, parameter count, matmul + convolution
+  FLOPs of the step's jaxpr (dead code removed) and of the compiled program, XLA's
+  FLOPs, and memory."""
+  c = compile_step(family, host_batch)
+  compiled, batch = c["compiled"], c["batch"]
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(c["state"].params))
+  holder = {"state": c.pop("state")}
 
   def one_step():
     holder["state"], metrics = compiled(holder["state"], batch)
@@ -113,14 +136,24 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   cost = _first(compiled.cost_analysis()) or {}
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
-  return {"params": params, "devices": mesh.size, "lower_s": t1 - t0, "compile_s": t2 - t1,
-          "step_median_s": median, "step_min_s": best, "step_std_s": spread,
-          "jaxpr_flops_per_step": jaxpr_flops,
+  flops = {k: v for k, v in c.items() if "flops" in k}
+  return {"params": params, "devices": c["mesh"].size, "lower_s": c["lower_s"],
+          "compile_s": c["compile_s"], "step_median_s": median, "step_min_s": best,
+          "step_std_s": spread, **flops,
           "xla_flops_per_step": float(cost.get("flops", -1)),
           "compiled_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "compiled_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
           "peak_device_bytes": stats.get("peak_bytes_in_use"),
           "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def model_flops(measured: dict) -> int:
+  """The model FLOPs of a step without a closed formula (GAN, VAE): the matmuls and
+  convolutions of its jaxpr with dead code removed, which on CPU equal those of the
+  compiled program (tests/test_benchmarks.py checks it for every CPU case). Not the
+  compiled count itself: on GPU, XLA may pad a convolution's channels for cuDNN, work
+  that is not the model's."""
+  return measured["jaxpr_flops_per_step"]
 
 
 def step_row(family: str, case: str, shape: str, dtype: str, batch: int, measured: dict,

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 
 from aigc_jax.families.gan import Family, default_config
-from benchmarks.common import measure_step, step_row
+from benchmarks.common import measure_step, model_flops, step_row
 
 # name: (image size, channels, width, z_dim, depth, batch)
 CASES = {
@@ -42,4 +42,4 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) ->
     torch_fn = functools.partial(time_step, size, channels, z_dim, width, batch, steps,
                                  depth=depth)
   return step_row("gan", case, f"{size}x{size}x{channels} width {width} depth {depth}",
-                  dtype, batch, measured, measured["jaxpr_flops_per_step"], torch_fn)
+                  dtype, batch, measured, model_flops(measured), torch_fn)

@@ -6,12 +6,14 @@
 
 For every case: lowering and compile seconds; the median, min and spread of N timed steps
 (after warm-up, each synchronised with block_until_ready); examples/s (tokens/s for the
-LM); model FLOPs per step (the LM's closed formula in MaxText's convention, the jaxpr's
-matmul + convolution FLOPs for the GAN and VAE) beside XLA's cost_analysis(); MFU against
-the datasheet peak of a known accelerator or, on CPU, the best float32 matmul measured in
-the same run; the compiled step's memory, the device's peak and the process RSS; and, on
-CPU, the same model's eager PyTorch step when torch is installed. Writes the JSON, a
-Markdown table (.md) and a throughput plot (.png) side by side.
+LM); model FLOPs per step (the LM's closed formula in MaxText's convention; for the GAN
+and VAE the matmul + convolution FLOPs of the step's jaxpr after dead-code elimination,
+equal to those of the compiled program, which the JSON also records) beside XLA's
+cost_analysis() (which adds elementwise work); MFU against the datasheet peak of a known
+accelerator or, on CPU, the best float32 matmul measured in the same run; the compiled
+step's memory, the device's peak and the process RSS; and, on CPU, the same model's eager
+PyTorch step when torch is installed. Writes the JSON, a Markdown table (.md) and a
+throughput plot (.png) side by side.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def markdown(results: dict) -> str:
         f"{_mib(r['process_max_rss_bytes'])} | {_ms(r.get('torch_step_median_s'))} | "
         f"{speedup} |")
   lines += ["", f"MFU against {m['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({m['peak_source']}). "
+            "Model FLOPs: the LM's in MaxText's convention; the GAN's and VAE's, the matmuls "
+            "and convolutions the compiled step runs (benchmarks/flops.py). "
             f"Reproduce: `{m['command']}`."]
   return "\n".join(lines) + "\n"
 

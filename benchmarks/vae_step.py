@@ -9,7 +9,7 @@ import functools
 import numpy as np
 
 from aigc_jax.families.vae import Family, default_config
-from benchmarks.common import measure_step, step_row
+from benchmarks.common import measure_step, model_flops, step_row
 
 # name: (image size, channels, latent_dim, width, hidden, batch)
 CASES = {
@@ -40,4 +40,4 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) ->
     torch_fn = functools.partial(time_step, size, channels, latent, width, hidden, batch,
                                  steps)
   return step_row("vae", case, f"{size}x{size}x{channels} latent {latent} width {width}",
-                  dtype, batch, measured, measured["jaxpr_flops_per_step"], torch_fn)
+                  dtype, batch, measured, model_flops(measured), torch_fn)

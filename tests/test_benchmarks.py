@@ -10,8 +10,15 @@ import pytest
 from flax import nnx
 
 from aigc_jax.models.transformer import Transformer, TransformerConfig
+from aigc_jax.nn.upsample import UpConv2x
+from aigc_jax.train import guard
 from benchmarks import run
-from benchmarks.flops import count_matmul_flops
+from benchmarks.common import compile_step, model_flops
+from benchmarks.flops import compiled_matmul_flops, count_matmul_flops
+
+
+def compiled_flops(fn, *args) -> int:
+  return compiled_matmul_flops(jax.jit(fn).lower(*args).compile())
 
 
 def test_dense_and_conv_flops_match_hand_counts():
@@ -20,14 +27,22 @@ def test_dense_and_conv_flops_match_hand_counts():
   # batched: [B, T, D] x [B, D, S] -> 2 * B * T * D * S
   assert count_matmul_flops(lambda a, b: jnp.einsum("btd,bds->bts", a, b),
                             jnp.ones((2, 3, 4)), jnp.ones((2, 4, 6))) == 2 * 2 * 3 * 4 * 6
-  # a 3x3 conv, 2 -> 4 channels, SAME, stride 2 on 8x8: output 4x4
+  # a 3x3 conv, 2 -> 4 channels, SAME, stride 2 on 8x8: output 4x4, padding (0, 1), so the
+  # last tap of the last output row (and column) falls on the padding: 4 * 3 - 1 taps
   conv = lambda a, k: jax.lax.conv_general_dilated(
       a, k, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  flops = count_matmul_flops(conv, jnp.ones((5, 8, 8, 2)), jnp.ones((3, 3, 2, 4)))
-  assert flops == 2 * (5 * 4 * 4 * 4) * (3 * 3 * 2)
+  args = jnp.ones((5, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
+  assert count_matmul_flops(conv, *args) == 2 * (5 * 4) * 2 * (4 * 3 - 1) ** 2
+  # VALID: every tap is real, 2 * B * H_out * W_out * C_in * C_out * k * k
+  valid = lambda a, k: jax.lax.conv_general_dilated(
+      a, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert count_matmul_flops(valid, *args) == 2 * 5 * 6 * 6 * 2 * 4 * 3 * 3
   # the gradient of a matmul w.r.t. both operands is two more matmuls of the same size
-  grad = jax.grad(lambda a, b: (a @ b).sum(), argnums=(0, 1))
+  grad = jax.grad(lambda a, b: ((a @ b) ** 2).sum(), argnums=(0, 1))
   assert count_matmul_flops(grad, x, w) == 3 * 2 * 3 * 5 * 7
+  # ... unless the loss is linear in it: then the forward matmul is dead code, not counted
+  linear = jax.grad(lambda a, b: (a @ b).sum(), argnums=(0, 1))
+  assert count_matmul_flops(linear, x, w) == 2 * 2 * 3 * 5 * 7 == compiled_flops(linear, x, w)
   # scan bodies count once per iteration
   scanned = lambda a, b: jax.lax.scan(lambda c, _: (c @ b, None), a, None, length=4)[0]
   assert count_matmul_flops(scanned, jnp.ones((3, 5)), jnp.ones((5, 5))) == 4 * 2 * 3 * 5 * 5
@@ -47,6 +62,7 @@ def test_lm_formula_matches_a_hand_count_and_the_models_matmuls():
   tokens = jnp.zeros((B, T), jnp.int32)
   counted = count_matmul_flops(lambda t: model(t), tokens)
   assert counted == B * T * (forward + L * 2 * 2 * T * N * H / 2)
+  assert compiled_flops(lambda t: model(t), tokens) == counted  # the compiled program's
 
 
 @pytest.mark.sharded
@@ -61,6 +77,8 @@ def test_tiny_preset_writes_json_markdown_and_plot(tmp_path):
     assert r["step_median_s"] > 0 and r["compile_s"] > 0 and r["params"] > 0
     assert r["model_flops_per_step"] > 0 and 0 < r["mfu"] and np.isfinite(r["mfu"])
     assert r["xla_flops_per_step"] > 0 and r["process_max_rss_bytes"] > 0
+    if r["family"] in ("gan", "vae") and r["devices"] == 1:  # see compile_step
+      assert r["model_flops_per_step"] == r["compiled_flops_per_step"]
   lm = saved["rows"][0]
   assert lm["tokens_per_s"] == lm["examples_per_s"] * 16
   table = (tmp_path / "bench.md").read_text()
@@ -68,13 +86,93 @@ def test_tiny_preset_writes_json_markdown_and_plot(tmp_path):
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def upconv_taps(n: int) -> int:
+  """Along one dimension of UpConv2x (4x4 kernel, stride 2, SAME) on n inputs: output 2i + a
+  sees inputs [i - 1, i] (a = 0) or [i, i + 1] (a = 1), so 2 taps for each of the 2n
+  outputs, less the one that falls on the padding at each end."""
+  return 2 * (2 * n) - 2
+
+
 def test_transposed_conv_flops_count_only_real_inputs():
   # A 4x4 stride-2 transposed conv (lhs dilation 2) on 3x3 -> 6x6: each output meets 2x2
-  # of the 4x4 taps, so 2 * (6 * 6 * out) * (4 * in) FLOPs per image.
+  # of the 4x4 taps (1 at the borders), not the zeros the dilation inserts or the padding.
   up = lambda a, k: jax.lax.conv_transpose(a, k, (2, 2), "SAME",
                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  flops = count_matmul_flops(up, jnp.ones((1, 3, 3, 5)), jnp.ones((4, 4, 5, 7)))
-  assert flops == 2 * (6 * 6 * 7) * (4 * 5)
+  args = jnp.ones((1, 3, 3, 5)), jnp.ones((4, 4, 5, 7))
+  hand = 2 * 7 * 5 * upconv_taps(3) ** 2
+  assert count_matmul_flops(up, *args) == compiled_flops(up, *args) == hand
+
+
+@pytest.mark.parametrize("impl", ["phases", "native"])
+def test_upconv2x_forward_and_backward_compiled_flops_match_a_hand_count(impl):
+  """The forward pass, the input gradient and the weight gradient of UpConv2x each make
+  the same (input, tap, output) products, so the compiled step runs 3x the forward's
+  FLOPs. The 'phases' custom VJP traces two forward passes whose results it discards
+  (5x); they must not be counted."""
+  B, H, W, C, F = 2, 3, 5, 4, 6  # C input, F output features
+  graphdef, params = nnx.split(UpConv2x(C, F, rngs=nnx.Rngs(0), impl=impl))
+  x = jnp.ones((B, H, W, C))
+  grads = jax.grad(lambda p, x: (nnx.merge(graphdef, p)(x) ** 2).sum(), argnums=(0, 1))
+  forward = 2 * B * C * F * upconv_taps(H) * upconv_taps(W)
+  assert compiled_flops(grads, params, x) == 3 * forward
+  assert count_matmul_flops(grads, params, x) == 3 * forward  # the jaxpr, dead code removed
+  traced = count_matmul_flops(grads, params, x, dce=False)
+  assert traced == (5 if impl == "phases" else 3) * forward
+
+
+def test_compiled_flops_follow_loops_branches_groups_and_match_xla_for_convolutions():
+  x, w = jnp.ones((3, 5)), jnp.ones((5, 5))
+  mm = 2 * 3 * 5 * 5
+  # a scan and a fori_loop become while loops with a known trip count
+  scanned = lambda a, b: jax.lax.scan(lambda c, _: (jnp.tanh(c @ b), None), a, None,
+                                      length=4)[0]
+  assert compiled_flops(scanned, x, w) == 4 * mm
+  looped = lambda a, b: jax.lax.fori_loop(0, 6, lambda i, c: jnp.tanh(c @ b), a)
+  assert compiled_flops(looped, x, w) == 6 * mm
+  # a conditional counts its most expensive branch
+  branch = lambda a, b: jax.lax.cond(a.sum() > 0, lambda: a @ b @ b, lambda: a @ b)
+  assert compiled_flops(branch, x, w) == 2 * mm
+  # a loop of unknown length around a matmul cannot be counted
+  unknown = lambda a, b: jax.lax.while_loop(lambda c: c.sum() < 1e3, lambda c: c @ b, a)
+  with pytest.raises(ValueError, match="trip count"):
+    compiled_flops(unknown, x, w)
+  # batched dot and a dot contracting nothing (an outer product: elementwise)
+  assert compiled_flops(lambda a, b: jnp.einsum("btd,bds->bts", a, b),
+                        jnp.ones((2, 3, 4)), jnp.ones((2, 4, 6))) == 2 * 2 * 3 * 4 * 6
+  outer = lambda a, b: a[:, None] @ b[None, :]
+  assert count_matmul_flops(outer, jnp.ones(3), jnp.ones(4)) == 0
+  assert compiled_flops(outer, jnp.ones(3), jnp.ones(4)) == 0
+  # A program of one convolution: our count, the jaxpr's and XLA's cost_analysis() agree
+  # (the same convention) for padding, strides, dilations and both kinds of groups.
+  a = jnp.ones((4, 9, 8, 6))
+  for kwargs, kernel in [
+      (dict(window_strides=(2, 2), padding="SAME"), (3, 3, 6, 8)),
+      (dict(window_strides=(1, 2), padding=[(2, 1), (0, 3)], lhs_dilation=(2, 2)),
+       (3, 2, 6, 8)),
+      (dict(window_strides=(1, 1), padding="VALID", rhs_dilation=(2, 2),
+            feature_group_count=3), (3, 2, 2, 9)),
+      (dict(window_strides=(1, 1), padding="SAME", batch_group_count=2), (3, 3, 6, 4))]:
+    conv = lambda a, k, kw=kwargs: jax.lax.conv_general_dilated(
+        a, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+    k = jnp.ones(kernel)
+    compiled = jax.jit(conv).lower(a, k).compile()
+    ours = compiled_matmul_flops(compiled)
+    assert ours == count_matmul_flops(conv, a, k) == compiled.cost_analysis()["flops"] > 0
+
+
+@pytest.mark.parametrize("family", ["gan", "vae"])
+def test_gan_and_vae_model_flops_equal_the_compiled_programs(family):
+  """For every case the CPU preset runs (the tiny preset's: see the test above): the model
+  FLOPs the benchmark reports are those of the compiled step's convolutions and matmuls,
+  and the step's traced jaxpr without dead-code elimination counts more (UpConv2x's
+  discarded passes)."""
+  for case, _ in run.PRESETS["cpu"][1][family]:
+    fam, host_batch = run.BENCHES[family].family_and_batch(case, "float32")
+    c = compile_step(fam, host_batch, max_devices=1)
+    assert model_flops(c) == c["compiled_flops_per_step"] > 0, case
+    traced = count_matmul_flops(guard.guard_step(fam.train_step), c["state"], c["batch"],
+                                dce=False)
+    assert traced > model_flops(c), case
 
 
 def test_linear_bound_chain_counts_the_lm_matmuls_and_matches_pytorch():
@@ -147,8 +245,6 @@ def test_attention_benchmark_checks_every_cpu_implementation_against_einsum(tmp_
 def test_gpu_preset_cases_trace_in_bfloat16_at_full_size(family):
   """The GPU preset cannot run here; its steps are traced (not run) at their real shapes,
   as the GPU run compiles them, so a GPU session does not discover a broken case."""
-  from aigc_jax.train import guard
-
   dtype, cases = run.PRESETS["gpu"]
   assert dtype == "bfloat16" and cases[family]
   for case, _ in cases[family]:

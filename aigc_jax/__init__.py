@@ -17,44 +17,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from aigc_jax import models as _models
+from aigc_jax import train as _train
 from aigc_jax._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
+# Every model of aigc_jax.models and every name of aigc_jax.train (both packages are lazy
+# too: importing them here loads no model code), and a few more.
 _EXPORTS = {
+    **_models._EXPORTS,
+    **_train._EXPORTS,
     "UserError": "aigc_jax.errors",
-    # Transformer LM, sampling, LoRA
-    "Transformer": "aigc_jax.models.transformer",
-    "TransformerConfig": "aigc_jax.models.transformer",
-    "SequenceClassifier": "aigc_jax.models.classifier",
-    "generate": "aigc_jax.models.sampling",
-    "generate_arrays": "aigc_jax.models.sampling",
-    "sample_logits": "aigc_jax.models.sampling",
+    "config_from_file": "aigc_jax.config",
     "add_lora": "aigc_jax.nn.linear",
     "merge_lora": "aigc_jax.nn.linear",
-    # GAN and VAE models; their losses as modules
-    "GanConfig": "aigc_jax.models.gan",
-    "DCGANGenerator": "aigc_jax.models.gan",
-    "DCGANDiscriminator": "aigc_jax.models.gan",
-    "build_gan": "aigc_jax.models.gan",
-    "VAE": "aigc_jax.models.vae",
-    "VaeConfig": "aigc_jax.models.vae",
-    "gan_losses": "aigc_jax.models",
-    "vae_losses": "aigc_jax.models",
-    # Training core: state, steps, mesh, checkpoints, families, the loop
-    "TrainState": "aigc_jax.train.state",
-    "make_supervised_step": "aigc_jax.train.steps",
-    "guard_step": "aigc_jax.train.guard",
-    "Checkpointer": "aigc_jax.train.checkpoint",
+    "gan_losses": "aigc_jax.models",  # the GAN's objectives and penalties (a module)
+    "vae_losses": "aigc_jax.models",  # the VAE's likelihoods, ELBO and IWAE (a module)
     "make_mesh": "aigc_jax.train.mesh",
     "batch_sharding": "aigc_jax.train.mesh",
     "replicated": "aigc_jax.train.mesh",
     "put_batch": "aigc_jax.train.mesh",
-    "Family": "aigc_jax.train.family",
-    "load_family": "aigc_jax.train.family",
-    "open_run": "aigc_jax.train.loop",
-    "train_and_evaluate": "aigc_jax.train.loop",
-    "config_from_file": "aigc_jax.config",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

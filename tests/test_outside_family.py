@@ -13,7 +13,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.train import family as family_lib
 from aigc_jax.train.loop import open_run, prepare_config
 from tests import outside_family
-from tests.conftest import run_cli
+from tests.conftest import GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_cli
 
 CONFIG = """
 from tests.outside_family import default_config
@@ -32,6 +32,14 @@ def test_outside_family_follows_the_protocol(tmp_path):
   state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
   new_state, metrics = jax.jit(family.train_step)(state, next(family.train_data))
   assert int(new_state.step) == 1 and set(metrics) >= {"loss", "grad_norm", "lr", "accuracy"}
+
+
+@pytest.mark.parametrize("path", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG])
+def test_built_in_families_follow_the_same_protocol(path):
+  config = config_from_file(path)
+  family = family_lib.load_family(config.family).Family(config, None)
+  assert isinstance(family, family_lib.Family)
+  assert isinstance(family.train_data, family_lib.BatchSource)
 
 
 def _final_params(workdir):

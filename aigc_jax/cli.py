@@ -143,13 +143,21 @@ class _OneLineLogs(std_logging.Filter):
 
 
 def _from_orbax(unraisable) -> bool:
+  """Whether an unraisable exception is Orbax's: raised in its code, or the "Event loop is
+  closed" of a write callback (tensorstore's, from C, after a failed save) handed to
+  asyncio's loop that Orbax has already closed."""
   orbax = f"{os.sep}orbax{os.sep}"
+  frames = []
   tb = unraisable.exc_traceback
   while tb is not None:
-    if orbax in tb.tb_frame.f_code.co_filename:
-      return True
+    frames.append(tb.tb_frame.f_code)
     tb = tb.tb_next
-  return orbax in repr(unraisable.object) or "orbax" in type(unraisable.object).__module__
+  if any(orbax in code.co_filename for code in frames):
+    return True
+  closed_loop = (unraisable.exc_type is RuntimeError and frames
+                 and frames[0].co_name == "call_soon_threadsafe"
+                 and f"{os.sep}asyncio{os.sep}" in frames[0].co_filename)
+  return bool(closed_loop) or orbax in repr(unraisable.object)
 
 
 def _quiet_background_failures() -> None:

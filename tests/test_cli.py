@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_CONFIG, run_cli
+from tests.conftest import TINY_CONFIG, run_cli, run_python
 
 
 @pytest.mark.sharded
@@ -91,3 +91,23 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(tmp_path):
                     "--config.train.eval_every=100000", "--config.sample.num=0")
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert json.loads(resumed.stdout)["start_step"] == step
+
+
+UNRAISABLE = """
+from aigc_jax import cli
+cli._quiet_background_failures()
+
+class Finalizer:
+  def __del__(self):
+    raise ValueError("a host's own failure in __del__")
+
+Finalizer()  # its __del__ raises: an unraisable exception
+"""
+
+
+def test_the_cli_keeps_other_unraisable_exceptions_visible():
+  """The CLI hides only Orbax's write-callback noise after a failed save (tests/
+  test_faults.py); any other exception raised where it cannot propagate still prints."""
+  proc = run_python(UNRAISABLE)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ValueError: a host's own failure in __del__" in proc.stderr

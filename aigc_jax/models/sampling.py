@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from aigc_jax.errors import UserError
+from aigc_jax.nn.concrete import concrete_values
 
 # The sampling settings `generate` takes (and the `sample.*` config keys of the LM families).
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
@@ -63,13 +64,6 @@ GENERATE_STATIC_ARGNAMES = ("max_new_tokens", "temperature", "top_k", "top_p",
                             "repetition_penalty", "max_len")
 
 
-def _concrete(x) -> np.ndarray | None:
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Array,
                     key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
@@ -108,7 +102,7 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
   if P + max_new_tokens > limit:
     raise UserError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                     f"model's context of {limit} tokens: shorten the prompt or generate fewer")
-  lengths = _concrete(lengths_B)
+  lengths = concrete_values(lengths_B)
   if lengths is not None and lengths.size and (lengths.min() < 1 or lengths.max() > P):
     raise UserError(f"prompt lengths must be in [1, {P}] (the prompt width), got "
                     f"{lengths.tolist()}: every prompt needs at least one token")

@@ -20,12 +20,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn import Attention, KVCache, SwiGLU, init_kv_cache
+from aigc_jax.nn.concrete import concrete_values
 from aigc_jax.nn.cross_entropy import linear_cross_entropy
 from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
@@ -114,9 +114,8 @@ def check_tokens(tokens_BT, vocab_size: int) -> None:
                     "axis with tokens[None] for a single sequence")
   if not jnp.issubdtype(dtype, jnp.integer):
     raise UserError(f"tokens must be integer ids, got dtype {dtype}")
-  try:
-    values = np.asarray(tokens_BT)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+  values = concrete_values(tokens_BT)
+  if values is None:
     return  # traced: checked where the data enters (tokenizer, batcher, generate)
   if values.size and (values.min() < 0 or values.max() >= vocab_size):
     bad = values[(values < 0) | (values >= vocab_size)][0]

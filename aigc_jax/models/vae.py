@@ -15,12 +15,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.models.gan import upsampling_plan
 from aigc_jax.models.vae_losses import check_likelihood, reparameterize
+from aigc_jax.nn.concrete import concrete_values
 from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
 from aigc_jax.nn.upsample import UpConv2x
 
@@ -202,10 +202,9 @@ class VAE(nnx.Module):
       shape = ", ".join(map(str, self.cfg.image_shape))
       raise UserError(f"VAE {what} must have shape [..., {shape}] ([..., H, W, C]), got "
                       f"{x.shape}: check model.image_size / model.channels")
-    try:
-      values = np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      return  # traced: the range is the caller's (the family checks its data)
+    values = concrete_values(x)
+    if values is None:
+      return  # traced or on other hosts: the range is the caller's (the family checks data)
     if values.size and (values.min() < 0 or values.max() > 1):
       raise UserError(f"VAE {what} must lie in [0, 1] (uint8 / 255; binarized for Bernoulli "
                       f"pixels), got values in [{values.min():.3g}, {values.max():.3g}]")

@@ -18,6 +18,7 @@ from aigc_jax import TrainState, make_supervised_step
 from aigc_jax.config import require_positive
 from aigc_jax.data.batching import ExampleBatches
 from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
 
 NUM_TEST = 288  # held-out digits: 9 batches of 32
 
@@ -42,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = dict(steps=60, batch_size=32, log_every=10, eval_every=30, checkpoint_every=30,
                  keep_checkpoints=2, **guard.DEFAULTS)
   c.optim = dict(lr=1e-2)
-  c.mesh = dict(num_devices=-1)
+  c.mesh = mesh_lib.default_mesh_config()
   return c
 
 

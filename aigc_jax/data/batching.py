@@ -17,6 +17,9 @@ class SeededBatches:
 
   seed: int
   next_index: int = 0
+  # The rows of every global batch this process builds (with several processes, the
+  # loop sets it to the rows its devices hold); the draws behind them are the same.
+  rows: slice = slice(None)
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """Batch `index`: a dict of [B, ...] numpy arrays, a pure function of (seed, index)."""
@@ -63,6 +66,7 @@ class TokenWindows(SeededBatches):
     """{"inputs", "targets"}: [B, T] int32 windows at seeded random offsets."""
     rng = np.random.default_rng([self.seed, index])
     starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    starts = starts[self.rows]
     window = self.tokens[starts[:, None] + self._offsets].astype(np.int32)
     return {"inputs": window[:, :-1], "targets": window[:, 1:]}
 
@@ -107,7 +111,7 @@ class ExampleBatches(SeededBatches):
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """{key: [B, ...]}: rows index*B .. index*B + B - 1 of the epoch-permuted order."""
-    positions = index * self.batch_size + np.arange(self.batch_size)
+    positions = (index * self.batch_size + np.arange(self.batch_size))[self.rows]
     rows = np.asarray([self._permutation(int(p) // self.size)[int(p) % self.size]
                        for p in positions])
     return {k: v[rows] for k, v in self.arrays.items()}

@@ -259,5 +259,5 @@ class ImageBatches(SeededBatches):
     """{"images": [B, H, W, C] float32 in [-1, 1], "labels": [B] int32}, drawn from
     (seed, index)."""
     idx = np.random.default_rng([self.seed, index]).integers(0, len(self.images),
-                                                             size=self.batch_size)
+                                                             size=self.batch_size)[self.rows]
     return {"images": to_unit_range(self.images[idx]), "labels": self.labels[idx]}

@@ -37,6 +37,7 @@ from aigc_jax.models.classifier import SequenceClassifier
 from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling
 from aigc_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DTYPES
 from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
 
 # task.name -> its family class
 TASKS: dict[str, type[FinetuneFamily]] = {"sft": SftFamily, "classify": ClassifyFamily}
@@ -80,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
                  b2=0.999, eps=1e-8, grad_clip=1.0)
   c.sample = dict(prompt="", num=1, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0,
                   repetition_penalty=1.0)  # 1.0: no penalty
-  c.mesh = dict(num_devices=-1)
+  c.mesh = mesh_lib.default_mesh_config()
   return c
 
 

@@ -17,6 +17,8 @@ from aigc_jax.data.batching import ExampleBatches
 from aigc_jax.errors import UserError
 from aigc_jax.models.transformer import Transformer, detach_dropout_rngs, train_with_key
 from aigc_jax.nn.linear import add_lora, merge_lora
+from aigc_jax.nn.partitioning import param_names
+from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train import partition
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
@@ -85,6 +87,7 @@ class FinetuneFamily:
     # switches training on (`_loss`).
     self.graphdef = nnx.split(detach_dropout_rngs(abstract))[0]
     all_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    self._param_names = param_names(abstract)
     trainable = list(c.train.trainable) or ([r"\.lora\."] if c.lora.rank else [".*"])
     trainable += self.head_patterns
     self.trainable = partition.trainable_paths(all_params, trainable, list(c.train.frozen))
@@ -96,6 +99,15 @@ class FinetuneFamily:
     self.items_per_step = {"examples": c.train.batch_size}
 
   # --- model ------------------------------------------------------------------------
+  def param_names(self) -> dict:
+    """Logical axis names of every parameter, trainable and frozen (a pure dict like the
+    model's parameters): frozen base weights are sharded like trained ones."""
+    return self._param_names
+
+  def check_mesh(self, mesh, rules) -> None:
+    """UserError unless heads, MLP width, vocabulary and width split whole on `mesh`."""
+    self.model_cfg.check_sharding(lambda name: mesh_lib.shards_of(name, mesh, rules))
+
   def wrap(self, lm: Transformer, rngs: nnx.Rngs) -> nnx.Module:
     """The task's model around the (adapted) language model."""
     del rngs

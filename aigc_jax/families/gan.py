@@ -18,7 +18,9 @@ from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
+from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.state import TrainState
 
 
@@ -43,7 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
   # test set, in the features of a classifier trained for `classifier_epochs`, cached in
   # the workdir.
   c.fid = dict(samples=10000, classifier_epochs=2)
-  c.mesh = dict(num_devices=-1)
+  c.mesh = mesh_lib.default_mesh_config()
   return c
 
 
@@ -99,6 +101,7 @@ class Family:
     abstract_g, abstract_d = nnx.eval_shape(lambda: build_gan(self.gan_cfg, nnx.Rngs(0)))
     self.g_graphdef = nnx.split(abstract_g, nnx.Param, nnx.BatchStat)[0]
     self.d_graphdef = nnx.split(abstract_d, nnx.Param, nnx.BatchStat)[0]
+    self._param_names = {"g": param_names(abstract_g), "d": param_names(abstract_d)}
     adam = lambda lr: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
     self.tx_g, self.tx_d = adam(config.optim.g_lr), adam(config.optim.d_lr)
     self.items_per_step = {"images": config.train.batch_size}
@@ -121,6 +124,10 @@ class Family:
     return self._eval_batches
 
   # --- model ------------------------------------------------------------------------
+  def param_names(self) -> dict:
+    """The parameters' logical axis names: {"g": ..., "d": ...} like the parameters."""
+    return self._param_names
+
   def init_state(self, rng: jax.Array) -> TrainState:
     k_model, k_train = jax.random.split(rng)
     g, d = build_gan(self.gan_cfg, nnx.Rngs(params=k_model))

@@ -27,7 +27,9 @@ from aigc_jax.models.transformer import (
   detach_dropout_rngs,
   train_with_key,
 )
+from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
@@ -67,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Samples written at each evaluation (num=0: none), and the CLI's sampling defaults.
   c.sample = dict(prompt="def ", num=2, max_new_tokens=200, temperature=0.8, top_k=0,
                   top_p=0.95, repetition_penalty=1.0)  # 1.0: no penalty
-  c.mesh = dict(num_devices=-1)  # devices on the data axis (-1: all)
+  c.mesh = mesh_lib.default_mesh_config()
   return c
 
 
@@ -141,6 +143,7 @@ class Family:
     # Parameters alone (no dropout keys) in the state; evaluation mode unless a step
     # switches training on (`_loss`).
     self.graphdef = nnx.split(detach_dropout_rngs(abstract_model))[0]
+    self._param_names = param_names(abstract_model)
     self.tx, self.schedule = adamw(config.optim, config.train.steps)
     self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule,
                                            config.train.grad_accum_steps)
@@ -183,6 +186,14 @@ class Family:
     return self._eval_batches
 
   # --- model ------------------------------------------------------------------------
+  def param_names(self) -> dict:
+    """The parameters' logical axis names (a pure dict like the parameters)."""
+    return self._param_names
+
+  def check_mesh(self, mesh, rules) -> None:
+    """UserError unless heads, MLP width, vocabulary and width split whole on `mesh`."""
+    self.model_cfg.check_sharding(lambda name: mesh_lib.shards_of(name, mesh, rules))
+
   def init_state(self, rng: jax.Array) -> TrainState:
     k_params, k_train = jax.random.split(rng)
     model = Transformer(self.model_cfg, rngs=nnx.Rngs(params=k_params, dropout=0))

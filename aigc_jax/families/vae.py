@@ -25,7 +25,9 @@ from aigc_jax.data import images as image_data
 from aigc_jax.errors import UserError
 from aigc_jax.models import vae_losses
 from aigc_jax.models.vae import VAE, VaeConfig
+from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
@@ -56,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   # report), drawn `chunk` at a time (memory ~ chunk x 64 decoder passes).
   c.iwae = dict(k=100, final_k=1000, chunk=100, images=512)
   c.sample = dict(num=64)  # prior samples in each grid
-  c.mesh = dict(num_devices=-1)
+  c.mesh = mesh_lib.default_mesh_config()
   return c
 
 
@@ -106,6 +108,7 @@ class Family:
     self.vae_cfg = VaeConfig(**dict(config.model))
     abstract = nnx.eval_shape(lambda: VAE(self.vae_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.split(abstract)[0]
+    self._param_names = param_names(abstract)
     self.tx, self.schedule = adamw(config.optim, config.train.steps)
     self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule)
     self.items_per_step = {"images": config.train.batch_size}
@@ -153,6 +156,10 @@ class Family:
     return self._eval_batches
 
   # --- model ------------------------------------------------------------------------
+  def param_names(self) -> dict:
+    """The parameters' logical axis names (a pure dict like the parameters)."""
+    return self._param_names
+
   def init_state(self, rng: jax.Array) -> TrainState:
     k_model, k_train = jax.random.split(rng)
     params = nnx.to_pure_dict(nnx.state(VAE(self.vae_cfg, rngs=nnx.Rngs(params=k_model))))

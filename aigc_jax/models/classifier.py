@@ -18,7 +18,7 @@ class SequenceClassifier(nnx.Module):
 
   def __init__(self, lm: Transformer, num_classes: int, *, rngs: nnx.Rngs):
     self.lm = lm
-    self.head = Linear(lm.cfg.embed_dim, num_classes, rngs=rngs,
+    self.head = Linear(lm.cfg.embed_dim, num_classes, rngs=rngs, axes=("embed", "classes"),
                        kernel_init=nnx.initializers.normal(0.02))
 
   def __call__(self, tokens_BT: jax.Array, lengths_B: jax.Array) -> jax.Array:

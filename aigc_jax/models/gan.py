@@ -19,6 +19,7 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
+from aigc_jax.nn.partitioning import annotate_layers
 from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("dcgan", "mlp")
@@ -121,6 +122,11 @@ class SpectralNormConv(nnx.Module):
     return y + self.conv.bias[...].astype(dtype)[None, None, None, :]
 
 
+def _scalar_head(path: str) -> dict:
+  """Logical names of a dense layer with one output (the critic's logit): kept whole."""
+  return {f"{path}.kernel": ("dense_in", "out"), f"{path}.bias": ("out",)}
+
+
 class DCGANGenerator(nnx.Module):
   """z -> a base x base map -> k times [norm, ReLU, `depth` x (3x3 conv, norm, ReLU),
   2x up-convolution] -> tanh."""
@@ -141,6 +147,8 @@ class DCGANGenerator(nnx.Module):
                   for _ in range(cfg.depth)]) for i in range(k)])
     self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
                          for i in range(k)])
+    annotate_layers(self, {f"ups.{k - 1}.kernel": (None, None, "conv_in", "image_channels"),
+                           f"ups.{k - 1}.bias": ("image_channels",)})
 
   def __call__(self, z_BZ: jax.Array) -> jax.Array:
     B = z_BZ.shape[0]
@@ -182,6 +190,7 @@ class DCGANDiscriminator(nnx.Module):
         nnx.List([nnx.List([conv(widths[i + 1], widths[i + 1], 3, 1), norm(widths[i + 1])])
                   for _ in range(cfg.depth)]) for i in range(k)])
     self.head = nnx.Linear(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
+    annotate_layers(self, _scalar_head("head"))
 
   def __call__(self, images_BHWC: jax.Array) -> jax.Array:
     def layer(conv, norm, h):
@@ -206,6 +215,7 @@ class MLPGenerator(nnx.Module):
     self.layers = nnx.List([nnx.Linear(cfg.z_dim, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, H * W * C, dtype=dtype, rngs=rngs)])
+    annotate_layers(self)
 
   def __call__(self, z_BZ: jax.Array) -> jax.Array:
     h = nnx.relu(self.layers[0](z_BZ))
@@ -223,6 +233,7 @@ class MLPDiscriminator(nnx.Module):
     self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, 1, dtype=dtype, rngs=rngs)])
+    annotate_layers(self, _scalar_head("layers.2"))
 
   def __call__(self, images_BHWC: jax.Array) -> jax.Array:
     h = nnx.leaky_relu(self.layers[0](images_BHWC.reshape(images_BHWC.shape[0], -1)), 0.2)

@@ -30,6 +30,7 @@ from aigc_jax.nn.cross_entropy import linear_cross_entropy
 from aigc_jax.nn.dense import dense
 from aigc_jax.nn.dtypes import DTYPES
 from aigc_jax.nn.linear import Linear, dropout_layer
+from aigc_jax.nn.partitioning import annotate, constrain
 from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "einsum", "xla", "cudnn", "jax")
@@ -94,6 +95,23 @@ class TransformerConfig:
     emb = self.vocab_size * D * (1 if self.tie_embeddings else 2)
     return self.num_layers * per_layer + D + (emb if include_embeddings else 0)
 
+  def check_sharding(self, shards) -> None:
+    """UserError unless each logical axis splits whole: `shards(name)` is the number of
+    pieces the mesh rules cut a dimension named `name` into. Heads must split whole (a
+    flattened heads x head_dim axis that merely divides would cut heads apart)."""
+    sizes = {"heads": ("model.num_heads", self.num_heads, "attn.q_proj / o_proj kernels"),
+             "kv_heads": ("model.num_kv_heads", self.num_kv_heads,
+                          "attn.k_proj / v_proj kernels"),
+             "mlp": ("model.mlp_dim", self.mlp_dim, "mlp.gate / up / down kernels"),
+             "vocab": ("model.vocab_size", self.vocab_size, "embed.embedding, lm_head"),
+             "embed": ("model.embed_dim", self.embed_dim, "every kernel's embed axis")}
+    for name, (field, size, params) in sizes.items():
+      n = shards(name)
+      if size % n:
+        raise UserError(f"config '{field}'={size} does not split over the {n} devices its "
+                        f"rule gives (mesh.rules.{name}; parameters blocks.*.{params}): "
+                        f"choose a multiple of {n}, or set mesh.rules.{name}=''")
+
   def flops_per_token(self, seq_len: int, training: bool = True) -> float:
     """Matmul FLOPs per token, MaxText's convention: 2 per multiply-add, causal attention
     counted at half, training = 3x forward."""
@@ -122,6 +140,15 @@ def check_tokens(tokens_BT, vocab_size: int) -> None:
     raise UserError(f"token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
 
 
+_ACT_BTD = ("act_batch", "act_length", "act_embed")
+
+
+def _rms_norm(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+  annotate(norm.scale, ("norm",))
+  return norm
+
+
 class Block(nnx.Module):
   """One pre-norm decoder block, [B, T, D] -> [B, T, D]: x + attn(norm(x)), then
   x + mlp(norm(x))."""
@@ -131,11 +158,11 @@ class Block(nnx.Module):
     impl = resolve_attention(cfg.attention)
     if impl == "cudnn" and cfg.dtype == "float32":
       impl = "jax"  # cuDNN's fused attention needs 16-bit inputs
-    self.attn_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.attn_norm = _rms_norm(cfg, rngs)
     self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                           rope_base=cfg.rope_base, implementation=impl, dtype=dtype,
                           param_dtype=jnp.float32, rngs=rngs)
-    self.mlp_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.mlp_norm = _rms_norm(cfg, rngs)
     self.mlp = SwiGLU(cfg.embed_dim, cfg.mlp_dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.dropout = dropout_layer(cfg.dropout, rngs)
     self.dtype = dtype
@@ -147,7 +174,7 @@ class Block(nnx.Module):
     x_BTD = x_BTD + self.dropout(h).astype(jnp.float32)
     h = self.mlp(self.mlp_norm(x_BTD).astype(self.dtype))
     x_BTD = x_BTD + self.dropout(h).astype(jnp.float32)
-    return x_BTD, cache
+    return constrain(x_BTD, _ACT_BTD), cache
 
 
 def _run_block(block, x, angles):
@@ -167,12 +194,13 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=DTYPES[cfg.dtype],
                            param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    annotate(self.embed.embedding, ("vocab", "embed"))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = nnx.RMSNorm(cfg.embed_dim, epsilon=cfg.norm_eps, rngs=rngs)
+    self.final_norm = _rms_norm(cfg, rngs)
     self.embed_dropout = dropout_layer(cfg.dropout, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = Linear(cfg.embed_dim, cfg.vocab_size, dtype=DTYPES[cfg.dtype],
-                            param_dtype=jnp.float32, rngs=rngs)
+                            param_dtype=jnp.float32, axes=("embed", "vocab"), rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
                cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
@@ -218,7 +246,7 @@ class Transformer(nnx.Module):
       logits_BTV = dense(h_BTD, self.embed.embedding[...].astype(dtype).T)
     else:
       logits_BTV = self.lm_head(h_BTD)
-    return logits_BTV.astype(jnp.float32)
+    return constrain(logits_BTV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
   def _trunk(self, tokens_BT, positions_BT, cache, cache_index, start_B):
     """(final-normed hidden states [B, T, D], new cache: a list, empty without one)."""
@@ -231,8 +259,12 @@ class Transformer(nnx.Module):
       angles = rope_angles_from_zero(T, cfg.resolved_head_dim, cfg.rope_base)
     else:
       angles = rope_angles(positions_BT, cfg.resolved_head_dim, cfg.rope_base)
-    x_BTD = self.embed(tokens_BT).astype(jnp.float32)
-    x_BTD = self.embed_dropout(x_BTD)
+    # The lookup reads the table whole along its embedding axis (FSDP gathers it, as it
+    # does every weight before use) and split along the vocabulary as the rules say, so
+    # the rows come out without a full rematerialisation of the table.
+    table_VD = constrain(self.embed.embedding[...], ("act_vocab", None)).astype(dtype)
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(jnp.float32)
+    x_BTD = constrain(self.embed_dropout(x_BTD), _ACT_BTD)
     mask_B1TS = None
     if cache is not None:
       S = cache[0].k_BSKH.shape[1]

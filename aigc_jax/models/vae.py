@@ -22,6 +22,7 @@ from aigc_jax.models.gan import upsampling_plan
 from aigc_jax.models.vae_losses import check_likelihood, reparameterize
 from aigc_jax.nn.concrete import concrete_values
 from aigc_jax.nn.dtypes import DTYPES, at_least_float32, layer_dtype
+from aigc_jax.nn.partitioning import annotate_layers
 from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("conv", "mlp")
@@ -196,6 +197,15 @@ class VAE(nnx.Module):
     conv = cfg.arch == "conv"
     self.encoder = (ConvEncoder if conv else MLPEncoder)(cfg, rngs=rngs)
     self.decoder = (ConvDecoder if conv else MLPDecoder)(cfg, rngs=rngs)
+    # Logical axis names (nn.partitioning): the posterior's parameters and the decoder's
+    # pixel outputs are small axes that stay whole.
+    head = "encoder.out" if conv else "encoder.layers.2"
+    overrides = {f"{head}.kernel": ("dense_in", "out"), f"{head}.bias": ("out",)}
+    if conv:
+      last = f"decoder.ups.{len(self.decoder.ups) - 1}"
+      overrides.update({f"{last}.kernel": (None, None, "conv_in", "image_channels"),
+                        f"{last}.bias": ("image_channels",)})
+    annotate_layers(self, overrides)
 
   def _check_images(self, x, what: str = "images") -> None:
     if x.ndim < 4 or tuple(x.shape[-3:]) != self.cfg.image_shape:

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from aigc_jax.nn.linear import Linear
+from aigc_jax.nn.partitioning import constrain
 from aigc_jax.nn.rope import RopeAngles, rope_angles, rotate
 
 
@@ -118,6 +119,10 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, implementation: str) -> jax.Array:
                                       implementation="xla" if impl == "cudnn" else impl)
 
 
+_HEADS = ("act_batch", "act_length", "act_heads", None)
+_KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with `num_kv_heads` shared key/value heads (GQA).
 
@@ -131,11 +136,13 @@ class Attention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.rope_base = rope_base
     self.implementation = implementation
-    linear = lambda i, o: Linear(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = linear(embed_dim, num_heads * head_dim)
-    self.k_proj = linear(embed_dim, num_kv_heads * head_dim)
-    self.v_proj = linear(embed_dim, num_kv_heads * head_dim)
-    self.o_proj = linear(num_heads * head_dim, embed_dim)
+    linear = lambda i, o, axes: Linear(i, o, dtype=dtype, param_dtype=param_dtype,
+                                       axes=axes, rngs=rngs)
+    # Megatron's split: Q, K, V column-parallel (by head), O row-parallel.
+    self.q_proj = linear(embed_dim, num_heads * head_dim, ("embed", "heads"))
+    self.k_proj = linear(embed_dim, num_kv_heads * head_dim, ("embed", "kv_heads"))
+    self.v_proj = linear(embed_dim, num_kv_heads * head_dim, ("embed", "kv_heads"))
+    self.o_proj = linear(num_heads * head_dim, embed_dim, ("heads", "embed"))
 
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array | RopeAngles, *,
                cache: KVCache | None = None, cache_index: jax.Array | None = None,
@@ -149,8 +156,9 @@ class Attention(nnx.Module):
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
     angles = (positions_BT if isinstance(positions_BT, RopeAngles)
               else rope_angles(positions_BT, self.head_dim, self.rope_base))
-    q_BTNH = rotate(q_BTNH, angles)
-    k_BTKH = rotate(k_BTKH, angles)
+    q_BTNH = constrain(rotate(q_BTNH, angles), _HEADS)
+    k_BTKH = constrain(rotate(k_BTKH, angles), _KV_HEADS)
+    v_BTKH = constrain(v_BTKH, _KV_HEADS)
     if cache is None:
       out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, None, self.implementation)
       new_cache = None

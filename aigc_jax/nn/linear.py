@@ -20,6 +20,7 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.dense import dense
+from aigc_jax.nn.partitioning import annotate, variable_names
 
 
 def dropout_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
@@ -38,14 +39,17 @@ def dropout_layer(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
 
 
 class LoraAdapter(nnx.Module):
-  """a [I, r] (Kaiming-uniform, as PEFT) and b [r, O] (zeros), scaled by alpha / r."""
+  """a [I, r] (Kaiming-uniform, as PEFT) and b [r, O] (zeros), scaled by alpha / r;
+  `axes`: the logical names of the adapted kernel's (I, O) axes."""
 
   def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-               dropout: float, *, rngs: nnx.Rngs):
+               dropout: float, *, axes=(None, None), rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(in_features)
-    self.a = nnx.Param(jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32,
-                                          -bound, bound))
-    self.b = nnx.Param(jnp.zeros((rank, out_features), jnp.float32))
+    self.a = annotate(nnx.Param(jax.random.uniform(rngs.params(), (in_features, rank),
+                                                   jnp.float32, -bound, bound)),
+                      (axes[0], "lora_rank"))
+    self.b = annotate(nnx.Param(jnp.zeros((rank, out_features), jnp.float32)),
+                      ("lora_rank", axes[1]))
     self.scale = alpha / rank
     self.dropout = dropout_layer(dropout, rngs)
 
@@ -58,13 +62,14 @@ class LoraAdapter(nnx.Module):
 class Linear(nnx.Module):
   """x [..., I] -> [..., O] in the compute `dtype`; the kernel is stored in `param_dtype`.
   Initialised as `nnx.Linear` (LeCun normal, same key use), so the two load each other's
-  weights."""
+  weights. `axes`: the kernel's logical axis names (see `nn.partitioning`)."""
 
   def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, kernel_init=None, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, kernel_init=None, axes=(None, None),
+               rngs: nnx.Rngs):
     kernel_init = kernel_init or nnx.initializers.lecun_normal()
-    self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
-                                        param_dtype))
+    self.kernel = annotate(nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
+                                                 param_dtype)), axes)
     self.dtype = dtype
     self.lora: LoraAdapter | None = nnx.data(None)  # a submodule once `add_lora` adds it
 
@@ -124,7 +129,8 @@ def add_lora(model: nnx.Module, targets, rank: int, alpha: float, dropout: float
   for path in paths:
     layer = layers[path]
     in_features, out_features = layer.kernel.shape
-    layer.lora = LoraAdapter(in_features, out_features, rank, alpha, dropout, rngs=rngs)
+    layer.lora = LoraAdapter(in_features, out_features, rank, alpha, dropout,
+                             axes=variable_names(layer.kernel), rngs=rngs)
     layer.lora.dropout.deterministic = deterministic
   return paths
 

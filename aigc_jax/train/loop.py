@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from aigc_jax import config as config_lib
 from aigc_jax.errors import UserError
+from aigc_jax.nn.partitioning import activation_sharding
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train import sharding as sharding_lib
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.family import family_module_path, load_family
 from aigc_jax.train.memory import release_free_memory
@@ -86,18 +88,40 @@ class Run:
   state: object
   checkpointer: Checkpointer
   state_sharding: object = None
+  rules: dict = dataclasses.field(default_factory=dict)
+
+  def sharded(self):
+    """The context in which the family's code is traced: activations pinned to the mesh
+    by the rules (`nn.partitioning.constrain`)."""
+    return activation_sharding(self.mesh, self.rules)
+
+  def jit_train_step(self):
+    """The guarded train step under `jax.jit` with the state's shardings, state donated
+    (trace it inside `sharded()`)."""
+    t = self.config.train
+    step = guard.guard_step(self.family.train_step, t.spike_sigma, t.spike_window)
+    return jax.jit(step,
+                   in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
+                   out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
+                   donate_argnums=0)
 
   def compile_train_step(self, batch):
     """The guarded train step compiled ahead of time for `batch`'s shapes, state donated."""
-    t = self.config.train
-    step = guard.guard_step(self.family.train_step, t.spike_sigma, t.spike_window)
-    jitted = jax.jit(step,
-                     in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
-                     out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
-                     donate_argnums=0)
-    compiled = jitted.lower(self.state, batch).compile()
+    with self.sharded():
+      compiled = self.jit_train_step().lower(self.state, batch).compile()
     release_free_memory()  # the compiler's working memory
     return compiled
+
+  def put_batch(self, batch):
+    """A host batch (this process's rows) as a global array split over the batch axes."""
+    return mesh_lib.put_batch(batch, self.mesh)
+
+  def host_part(self, batch):
+    """This process's rows of a whole global batch (all of it with one process)."""
+    if jax.process_count() == 1:
+      return batch
+    rows = mesh_lib.host_rows(len(jax.tree.leaves(batch)[0]), self.mesh)
+    return jax.tree.map(lambda x: x[rows], batch)
 
   def evaluate(self) -> dict[str, float]:
     """The family's metrics over all its eval batches (sums accumulated on device; one
@@ -109,7 +133,8 @@ class Run:
           out_shardings=mesh_lib.replicated(self.mesh))
     totals = None
     for batch in self.family.eval_batches():
-      sums = self._eval_step(self.state, mesh_lib.put_batch(batch, self.mesh))
+      with self.sharded():
+        sums = self._eval_step(self.state, self.put_batch(self.host_part(batch)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
     metrics = {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
@@ -127,15 +152,19 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   workdir = prepare_workdir(workdir)
   if for_training:
     _check_resume_config(config, workdir, module)
-  mesh = mesh_lib.make_mesh(config.mesh.num_devices)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.rules_from_config(config.mesh)
   mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
   family = module.Family(config, workdir)
-  replicated = mesh_lib.replicated(mesh)
-  init = jax.jit(lambda rng: guard.init(family.init_state(rng)), out_shardings=replicated)
-  state = init(jax.random.PRNGKey(config.seed))
+  if hasattr(family, "check_mesh"):  # e.g. attention heads that must split whole
+    family.check_mesh(mesh, rules)
+  state, state_sharding = init_sharded_state(family, mesh, rules, config.seed)
   if hasattr(family, "load_weights"):  # pretrained weights: data, not compiled constants
-    state = jax.device_put(family.load_weights(state), replicated)
-  state_sharding = jax.tree.map(lambda _: replicated, state)
+    state = jax.device_put(family.load_weights(state), state_sharding)
+  train_data = family.train_data
+  if jax.process_count() > 1 and hasattr(train_data, "rows"):
+    # Each process builds only its own rows of every batch.
+    train_data.rows = mesh_lib.host_rows(config.train.batch_size, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
@@ -145,7 +174,22 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
     raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
                     f"(aigc-jax train --config ... --workdir {workdir})")
   release_free_memory()  # e.g. the random or host copies that pretrained weights replaced
-  return Run(config, workdir, family, mesh, state, checkpointer, state_sharding)
+  return Run(config, workdir, family, mesh, state, checkpointer, state_sharding, rules)
+
+
+def init_sharded_state(family, mesh, rules: dict, seed: int):
+  """(state, its shardings): the family's initial state (with the guard's statistics)
+  built under `jax.jit` straight into the shardings its parameters' logical names give
+  (`family.param_names()`; all replicated for a family without one), so no device
+  ever holds more than its part."""
+  init = lambda rng: guard.init(family.init_state(rng))
+  key = jax.random.PRNGKey(seed)
+  names = family.param_names() if hasattr(family, "param_names") else None
+  with activation_sharding(mesh, rules):
+    abstract = jax.eval_shape(init, key)
+    shardings = sharding_lib.state_shardings(abstract, names, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)(key)
+  return state, shardings
 
 
 class Preempted(Exception):
@@ -192,12 +236,16 @@ class _TrainLog:
 
 
 def _write_samples(run: Run, state, step: int) -> None:
-  """The family's samples of `step`; with several processes the first one writes them,
-  from a host copy of the (replicated) state, so the others need not take part."""
+  """The family's samples of `step`. With several processes the state is sharded across
+  hosts and no process may gather it, so samples are not written during training (say so
+  once); `aigc-jax sample` on one host writes them from the checkpoint."""
   if jax.process_count() == 1:
-    run.family.write_samples(state, step, run.workdir)
-  elif jax.process_index() == 0:
-    run.family.write_samples(jax.device_get(state), step, run.workdir)
+    with run.sharded():
+      run.family.write_samples(state, step, run.workdir)
+  elif jax.process_index() == 0 and not getattr(run, "_warned_samples", False):
+    run._warned_samples = True
+    print("note: samples are not written during a multi-process run; run `aigc-jax sample "
+          f"--workdir {run.workdir}` afterwards", file=sys.stderr)
 
 
 def train_and_evaluate(config, workdir: str, *, family=None,
@@ -226,14 +274,14 @@ def train_and_evaluate(config, workdir: str, *, family=None,
 
 def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
                stop: StopRequests) -> dict:
-  family, mesh, config = run.family, run.mesh, run.config
+  family, config = run.family, run.config
   tcfg, total = config.train, config.train.steps
   start = int(jax.device_get(run.state.step))
   summary = {"workdir": run.workdir, "start_step": start}
   if start >= total:
     return {**summary, **run.evaluate(), "steps": start}
 
-  batch = mesh_lib.put_batch(next(family.train_data), mesh)
+  batch = run.put_batch(next(family.train_data))
   t0 = time.perf_counter()
   step_fn = run.compile_train_step(batch)
   summary["compile_seconds"] = time.perf_counter() - t0
@@ -258,7 +306,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
     previous = metrics
     data_state = family.train_data.get_state()  # the position after this step's batch
     if done < total:
-      batch = mesh_lib.put_batch(next(family.train_data), mesh)  # overlaps the device
+      batch = run.put_batch(next(family.train_data))  # overlaps the device
     log.flush()  # the previous step's metrics: this step is already dispatched
     if done % tcfg.log_every == 0 or done == total:
       log.hold(done, metrics)

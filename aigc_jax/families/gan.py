@@ -18,7 +18,7 @@ from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
-from aigc_jax.nn.partitioning import param_names
+from aigc_jax.nn.partitioning import constrain, param_names
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.state import TrainState
@@ -91,6 +91,12 @@ def _merge_module(graphdef, params, stats, train: bool):
   return module
 
 
+def _noise(key: jax.Array, batch: int, z_dim: int) -> jax.Array:
+  """z [B, Z] ~ N(0, 1), split over the batch axes like the real images: otherwise every
+  device would generate the whole batch of fakes (the same numbers either way)."""
+  return constrain(jax.random.normal(key, (batch, z_dim)), ("act_batch", None))
+
+
 class Family:
   name = "gan"
   plot_keys = ("d_loss", "g_loss", "fid_classifier")
@@ -160,7 +166,7 @@ class Family:
     def d_update(carry, i):
       d_params, d_opt, d_stats = carry
       k_z, k_gp = jax.random.split(jax.random.fold_in(rng, i))
-      fake, _ = self._generate(g_params, g_stats, jax.random.normal(k_z, (B, Z)), True)
+      fake, _ = self._generate(g_params, g_stats, _noise(k_z, B, Z), True)
       fake = jax.lax.stop_gradient(fake)
 
       def loss_fn(d_params):
@@ -189,7 +195,7 @@ class Family:
       d_carry, d_metrics = d_update(d_carry, i)
     d_params, d_opt, d_stats = d_carry
 
-    z = jax.random.normal(jax.random.fold_in(rng, lc.n_critic), (B, Z))
+    z = _noise(jax.random.fold_in(rng, lc.n_critic), B, Z)
 
     def g_loss_fn(g_params):
       fake, new_g_stats = self._generate(g_params, g_stats, z, True)

@@ -223,3 +223,21 @@ def test_lora_finetuning_under_fsdp4_tensor2_equals_one_device_with_frozen_weigh
   assert frozen["blocks.0.attn.q_proj.kernel"].sharding.spec == jax.sharding.PartitionSpec(
       "fsdp", "tensor")
   assert frozen["embed.embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+@needs_8
+@pytest.mark.sharded
+def test_the_whole_loop_evaluates_samples_and_resumes_on_a_sharded_state(tmp_path):
+  from aigc_jax.train.loop import train_and_evaluate
+  mesh = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}
+  cfg = config_from_file(TINY_CONFIG, {**LM_DIMS, **mesh, "train.steps": 4,
+                                       "train.eval_every": 4, "train.checkpoint_every": 4})
+  summary = train_and_evaluate(cfg, str(tmp_path), progress=False)
+  assert np.isfinite(summary["val_loss"])
+  samples = (tmp_path / "samples" / "step_0000004.txt").read_text()
+  assert samples.count("=== sample") == cfg.sample.num
+  # Resumed on another mesh (one device): the same evaluation of the same weights.
+  cfg_one = config_from_file(TINY_CONFIG, {**LM_DIMS, **ONE_DEVICE, "train.steps": 4})
+  resumed = train_and_evaluate(cfg_one, str(tmp_path), progress=False)
+  assert resumed["start_step"] == 4
+  assert resumed["val_loss"] == pytest.approx(summary["val_loss"], abs=1e-5)

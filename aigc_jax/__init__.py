@@ -56,7 +56,14 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see (re-exports)
   from aigc_jax.train.checkpoint import Checkpointer
   from aigc_jax.train.family import Family, load_family
   from aigc_jax.train.guard import guard_step
-  from aigc_jax.train.loop import open_run, train_and_evaluate
-  from aigc_jax.train.mesh import batch_sharding, make_mesh, put_batch, replicated
+  from aigc_jax.train.loop import init_sharded_state, open_run, train_and_evaluate
+  from aigc_jax.train.mesh import (
+    batch_sharding,
+    make_mesh,
+    put_batch,
+    replicated,
+    rules_from_config,
+  )
+  from aigc_jax.train.sharding import state_shardings
   from aigc_jax.train.state import TrainState
   from aigc_jax.train.steps import make_supervised_step

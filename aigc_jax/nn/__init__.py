@@ -21,6 +21,10 @@ _EXPORTS = {
     "LoraAdapter": "aigc_jax.nn.linear",
     "add_lora": "aigc_jax.nn.linear",
     "merge_lora": "aigc_jax.nn.linear",
+    "annotate": "aigc_jax.nn.partitioning",
+    "constrain": "aigc_jax.nn.partitioning",
+    "param_names": "aigc_jax.nn.partitioning",
+    "activation_sharding": "aigc_jax.nn.partitioning",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
@@ -31,5 +35,6 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see (re-exports)
   from aigc_jax.nn.cross_entropy import linear_cross_entropy
   from aigc_jax.nn.linear import Linear, LoraAdapter, add_lora, merge_lora
   from aigc_jax.nn.mlp import SwiGLU
+  from aigc_jax.nn.partitioning import activation_sharding, annotate, constrain, param_names
   from aigc_jax.nn.rope import apply_rope
   from aigc_jax.nn.upsample import UpConv2x, conv_transpose_2x

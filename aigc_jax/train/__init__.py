@@ -19,6 +19,9 @@ _EXPORTS = {
     "TrainState": "aigc_jax.train.state",
     "make_supervised_step": "aigc_jax.train.steps",
     "guard_step": "aigc_jax.train.guard",
+    "init_sharded_state": "aigc_jax.train.loop",
+    "state_shardings": "aigc_jax.train.sharding",
+    "rules_from_config": "aigc_jax.train.mesh",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
@@ -28,6 +31,8 @@ if TYPE_CHECKING:  # what static type checkers and IDEs see (re-exports)
   from aigc_jax.train.checkpoint import Checkpointer
   from aigc_jax.train.family import Family, load_family
   from aigc_jax.train.guard import guard_step
-  from aigc_jax.train.loop import open_run, train_and_evaluate
+  from aigc_jax.train.loop import init_sharded_state, open_run, train_and_evaluate
+  from aigc_jax.train.mesh import rules_from_config
+  from aigc_jax.train.sharding import state_shardings
   from aigc_jax.train.state import TrainState
   from aigc_jax.train.steps import make_supervised_step

@@ -1,46 +1,158 @@
 """Orbax checkpoints of a run: the train state, the data iterator's position and the
 config, saved asynchronously; the last `keep` are kept; resume restores the newest.
 
-Every save also records a CRC-32 of each state array, of the iterator state and of the
-config; restore verifies them, because Orbax restores a data file with flipped bytes
-without any error. A checkpoint that fails to restore or to verify is reported on stderr
-(its step and the reason) and the next older one is tried; one whose checksums do not
-match is moved aside to `STEP.damaged` (kept for inspection, out of the way of the step
-that will be saved again).
+Every save also records a fingerprint of each state array (computed on the devices that
+hold it: see `fingerprint`), and a CRC-32 of the iterator state and of the config; restore
+verifies them, because Orbax restores a data file with flipped bytes without any error. A
+fingerprint does not depend on the mesh or the sharding, so a checkpoint saved under one
+topology verifies under another. A checkpoint that fails to restore or to verify is
+reported on stderr (its step and the reason) and the next older one is tried; one whose
+checksums do not match is moved aside to `STEP.damaged` (kept for inspection, out of the
+way of the step that will be saved again). Checkpoints written before fingerprints (no
+`<algorithm>` entry: CRC-32 of each array's host bytes) still verify, one array fetched to
+the host at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax import lax
 
 from aigc_jax.errors import UserError
 
+ALGORITHM = "<algorithm>"  # the checksums item's entry naming how arrays were summed
+FINGERPRINT_V1 = "fingerprint-v1"
+FROZEN = "<frozen>"
+# Entries restore does not compare to the restored state: the config is not restored, the
+# frozen weights are checked against the ones loaded now.
+_UNCHECKED = ("<config>", FROZEN, ALGORITHM)
 
-def checksums(state, data_state: dict, config: dict | None = None) -> dict[str, int]:
-  """{path: CRC-32} of every array of `state` (fetched to the host), and of the JSON of
-  `data_state` and `config`."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
-  sums = {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(leaf).tobytes())
-          for path, leaf in leaves}
-  sums["<data>"] = zlib.crc32(json.dumps(data_state, sort_keys=True).encode())
+# Odd multipliers (bijections mod 2^32) and MurmurHash3's 32-bit finalizer: each element's
+# hash is a bijection of its bits for a fixed index, so any single changed element changes
+# the sum; two lanes make a 64-bit fingerprint.
+_INDEX_MUL, _LANE_SEED = np.uint32(0x9E3779B1), np.uint32(0x27D4EB2F)
+_LANE_MUL = (np.uint32(0x85EBCA77), np.uint32(0xC2B2AE3D))
+
+
+def _fmix32(h):
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _words(x) -> jax.Array:
+  """The bits of `x` as uint32: x.shape for 1-, 2- and 4-byte dtypes (zero-extended),
+  x.shape + (2,) for 8-byte ones; complex as (..., 2) real and imaginary parts."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.stack([x.real, x.imag], axis=-1)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}.get(x.dtype.itemsize)
+  if unsigned is None:
+    raise UserError(f"cannot fingerprint an array of dtype {x.dtype} in a checkpoint: store "
+                    "it as a 1-, 2-, 4- or 8-byte dtype")
+  return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fingerprint_one(x) -> jax.Array:
+  """uint32 [2]: the wrapping sums over every element of two hashes of (bits, global flat
+  index). Integer addition is associative, so the sum is the same bits whatever the
+  sharding (each device sums its part; the partial sums are added)."""
+  words = _words(x)
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(words.ndim)):  # the row-major flat index, mod 2^32
+    index = index + lax.broadcasted_iota(jnp.uint32, words.shape, dim) * np.uint32(stride)
+    stride = stride * words.shape[dim] % 2**32
+  key = _fmix32(index * _INDEX_MUL + np.uint32(1))
+  lanes = (key, _fmix32(key ^ _LANE_SEED))
+  return jnp.stack([jnp.sum(_fmix32((words ^ k) * m), dtype=jnp.uint32)
+                    for k, m in zip(lanes, _LANE_MUL, strict=True)])
+
+
+_fingerprint_leaves = jax.jit(lambda leaves: [_fingerprint_one(x) for x in leaves])
+
+
+def fingerprints(tree) -> list[int]:
+  """A 64-bit fingerprint per leaf of `tree` (in `jax.tree.leaves` order), computed by one
+  compiled reduction on the devices that hold each array; only the scalars come to the
+  host. Bit-identical for equal values under any mesh or sharding."""
+  leaves = jax.tree.leaves(tree)
+  groups: dict = {}  # one computation per device assignment (jit takes only one)
+  for i, leaf in enumerate(leaves):
+    groups.setdefault(_device_order(leaf), []).append(i)
+  out = [0] * len(leaves)
+  for indices in groups.values():
+    sums = jax.device_get(_fingerprint_leaves([leaves[i] for i in indices]))
+    for i, (lo, hi) in zip(indices, sums, strict=True):
+      out[i] = int(hi) << 32 | int(lo)
+  return out
+
+
+def _device_order(leaf) -> tuple | None:
+  """The device ids of a committed array in its sharding's order (None: uncommitted or a
+  host value, which goes wherever the others are)."""
+  if not (isinstance(leaf, jax.Array) and leaf.committed):
+    return None
+  sharding = leaf.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return tuple(d.id for d in sharding.mesh.devices.flat)
+  order = getattr(sharding, "_device_assignment", None) or sorted(
+      sharding.device_set, key=lambda d: d.id)
+  return tuple(d.id for d in order)
+
+
+def fingerprint(x) -> int:
+  """The 64-bit fingerprint of one array (see `fingerprints`)."""
+  return fingerprints([x])[0]
+
+
+def _json_crc(value) -> int:
+  return zlib.crc32(json.dumps(value, sort_keys=True).encode())
+
+
+def checksums(state, data_state: dict, config: dict | None = None) -> dict[str, int | str]:
+  """{path: fingerprint} of every array of `state` (computed on device), the CRC-32 of
+  the JSON of `data_state` (and `config`), and the algorithm tag."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  sums: dict = dict(zip(paths, fingerprints(state), strict=True))
+  sums["<data>"] = _json_crc(data_state)
   if config is not None:
-    sums["<config>"] = zlib.crc32(json.dumps(config, sort_keys=True).encode())
+    sums["<config>"] = _json_crc(config)
+  sums[ALGORITHM] = FINGERPRINT_V1
   return sums
 
 
-FROZEN = "<frozen>"
+def _legacy_checksums(state, data_state: dict) -> dict[str, int]:
+  """What checkpoints without an algorithm tag recorded: CRC-32 of each array's host bytes
+  (fetched one array at a time)."""
+  sums = {jax.tree_util.keystr(path): zlib.crc32(np.ascontiguousarray(
+              jax.device_get(leaf)).tobytes())
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+  sums["<data>"] = _json_crc(data_state)
+  return sums
 
 
 class ChecksumMismatch(ValueError):
   """The arrays restored from a checkpoint are not the ones that were saved."""
+
+
+class UnknownChecksumAlgorithm(UserError):
+  """A checkpoint's checksums were made by an algorithm this version does not know."""
 
 
 class CheckpointWriteError(UserError):
@@ -50,14 +162,14 @@ class CheckpointWriteError(UserError):
 class Checkpointer:
   """Orbax checkpoints of one run in `directory`: the train state, the data iterator's
   position and the config per step, saved asynchronously, the newest `keep` kept, verified
-  by CRC-32 on restore."""
+  by fingerprints on restore (onto the shardings of the state it is restored into)."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._saving_step = None
-    self._frozen_crc = None
+    self._frozen_sum = None  # the frozen weights' fingerprint (they never change)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=("state", "data", "config", "checksums"))
@@ -94,7 +206,9 @@ class Checkpointer:
     failures = []
     for candidate in steps:
       try:
-        state, data_state, frozen_crc = self._restore_verified(candidate, abstract)
+        state, data_state, frozen_sum, algorithm = self._restore_verified(candidate, abstract)
+      except UnknownChecksumAlgorithm:
+        raise  # a newer aigc_jax's checkpoint: falling back would train over it
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
@@ -107,7 +221,10 @@ class Checkpointer:
               f"({reason}); trying an older one", file=sys.stderr)
         continue
       if hasattr(target_state, "frozen"):
-        if frozen_crc is not None and self._frozen_checksum(target_state).get(FROZEN) != frozen_crc:
+        current = None if frozen_sum is None else (
+            self._frozen_checksum(target_state) if algorithm == FINGERPRINT_V1
+            else _legacy_frozen_checksum(target_state)).get(FROZEN)
+        if current != frozen_sum:
           raise UserError(f"the checkpoint of step {candidate} in {self.directory} was trained "
                           "on other frozen (pretrained) weights than the ones loaded now: "
                           "point the config at the original weights, or use a new workdir")
@@ -122,30 +239,40 @@ class Checkpointer:
             "(written by an older aigc_jax): restoring it unverified", file=sys.stderr)
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-      return restored.state, restored.data, None
+      return restored.state, restored.data, None, None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
         checksums=ocp.args.JsonRestore()))
-    expected = {k: v for k, v in restored.checksums.items() if k not in ("<config>", FROZEN)}
-    actual = checksums(restored.state, restored.data)
+    recorded = restored.checksums
+    algorithm = recorded.get(ALGORITHM)
+    if algorithm == FINGERPRINT_V1:  # on the restored (sharded) arrays, where they are
+      actual = checksums(restored.state, restored.data)
+    elif algorithm is None:  # written before fingerprints
+      actual = _legacy_checksums(restored.state, restored.data)
+    else:
+      raise UnknownChecksumAlgorithm(
+          f"the checkpoint of step {step} in {self.directory} records checksums made by "
+          f"{algorithm!r}, which this version of aigc_jax does not know (it knows "
+          f"{FINGERPRINT_V1!r}): upgrade aigc_jax to the version that wrote it")
+    expected = {k: v for k, v in recorded.items() if k not in _UNCHECKED}
+    actual = {k: v for k, v in actual.items() if k not in _UNCHECKED}
     bad = sorted(k for k in expected.keys() | actual.keys()
                  if expected.get(k) != actual.get(k))
     if bad:
       raise ChecksumMismatch(f"checksum mismatch in {', '.join(bad[:3])}"
                        + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
-    return restored.state, restored.data, restored.checksums.get(FROZEN)
+    return restored.state, restored.data, recorded.get(FROZEN), algorithm
 
   def _frozen_checksum(self, state) -> dict[str, int]:
-    """{'<frozen>': one CRC-32 over the frozen parameters} (computed once: they never
-    change), so a resume can tell that the pretrained weights it loaded are the same."""
+    """{'<frozen>': one 64-bit digest of the frozen parameters' fingerprints} (computed
+    once: they never change), so a resume can tell that the pretrained weights it loaded
+    are the same, whatever the mesh."""
     if not getattr(state, "frozen", None):
       return {}
-    if self._frozen_crc is None:
-      crc = 0
-      for leaf in jax.tree.leaves(state.frozen):  # one array on the host at a time
-        crc = zlib.crc32(np.ascontiguousarray(jax.device_get(leaf)), crc)
-      self._frozen_crc = crc
-    return {FROZEN: self._frozen_crc}
+    if self._frozen_sum is None:
+      digest = hashlib.blake2b(json.dumps(fingerprints(state.frozen)).encode(), digest_size=8)
+      self._frozen_sum = int.from_bytes(digest.digest(), "big")
+    return {FROZEN: self._frozen_sum}
 
   @contextlib.contextmanager
   def _write_errors(self):
@@ -182,7 +309,26 @@ def _without_frozen(state):
   return state.replace(frozen={}) if hasattr(state, "frozen") else state
 
 
-def _abstract(x):
+def _legacy_frozen_checksum(state) -> dict[str, int]:
+  """The frozen weights' checksum as checkpoints without an algorithm tag recorded it: one
+  CRC-32 over every array's host bytes (fetched one at a time)."""
+  if not getattr(state, "frozen", None):
+    return {}
+  crc = 0
+  for leaf in jax.tree.leaves(state.frozen):
+    crc = zlib.crc32(np.ascontiguousarray(jax.device_get(leaf)).tobytes(), crc)
+  return {FROZEN: crc}
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+  """The restore target of one leaf, always with a sharding: the target's own, so a
+  checkpoint lands on the current run's mesh whatever mesh saved it (without one, Orbax
+  would reuse the saved sharding, which fails on another topology); host values and
+  sharding-less structs go to this process's first device."""
+  sharding = getattr(x, "sharding", None)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(x, jax.ShapeDtypeStruct):
-    return x
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  x = x if hasattr(x, "dtype") and hasattr(x, "shape") else np.asarray(x)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

@@ -132,10 +132,14 @@ class Run:
           in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
           out_shardings=mesh_lib.replicated(self.mesh))
     totals = None
-    for batch in self.family.eval_batches():
+    for i, batch in enumerate(self.family.eval_batches()):
       with self.sharded():
         sums = self._eval_step(self.state, self.put_batch(self.host_part(batch)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      if i % 16 == 15:
+        # A bounded number of collective programs in flight: XLA:CPU's rendezvous can
+        # time out with dozens queued on many (fake) devices.
+        jax.block_until_ready(totals)
     totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
     metrics = {**self.family.summarize_eval(totals), **self.family.sample_metrics(self.state)}
     release_free_memory()
@@ -158,9 +162,7 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   family = module.Family(config, workdir)
   if hasattr(family, "check_mesh"):  # e.g. attention heads that must split whole
     family.check_mesh(mesh, rules)
-  state, state_sharding = init_sharded_state(family, mesh, rules, config.seed)
-  if hasattr(family, "load_weights"):  # pretrained weights: data, not compiled constants
-    state = jax.device_put(family.load_weights(state), state_sharding)
+  init = _ShardedInit(family, mesh, rules, config.seed)
   train_data = family.train_data
   if jax.process_count() > 1 and hasattr(train_data, "rows"):
     # Each process builds only its own rows of every batch.
@@ -168,28 +170,63 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               keep=config.train.keep_checkpoints)
   if checkpointer.latest_step() is not None:
-    state, data_state, _ = checkpointer.restore(state)
+    # Restored straight into the current run's shardings (whatever mesh saved it): the
+    # initial state is never built beside the restored one.
+    state, data_state, _ = checkpointer.restore(init.restore_target())
     family.train_data.set_state(data_state)
   elif not for_training:
     raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
                     f"(aigc-jax train --config ... --workdir {workdir})")
+  else:
+    state = init.state()
   release_free_memory()  # e.g. the random or host copies that pretrained weights replaced
-  return Run(config, workdir, family, mesh, state, checkpointer, state_sharding, rules)
+  return Run(config, workdir, family, mesh, state, checkpointer, init.shardings, rules)
+
+
+class _ShardedInit:
+  """A family's initial state (with the guard's statistics): its shapes, its shardings
+  from the parameters' logical names (`family.param_names()`; all replicated for a family
+  without one), and the state built under `jax.jit` straight into them, so no device ever
+  holds more than its part. Pretrained weights (`family.load_weights`) are put in place
+  as data, not compiled constants."""
+
+  def __init__(self, family, mesh, rules: dict, seed: int):
+    self.family, self.mesh, self.rules = family, mesh, rules
+    self.key = jax.random.PRNGKey(seed)
+    self.init = lambda rng: guard.init(family.init_state(rng))
+    names = family.param_names() if hasattr(family, "param_names") else None
+    with activation_sharding(mesh, rules):
+      self.abstract = jax.eval_shape(self.init, self.key)
+      self.shardings = sharding_lib.state_shardings(self.abstract, names, mesh, rules)
+
+  def _jit(self, fn, shardings):
+    with activation_sharding(self.mesh, self.rules):
+      return jax.jit(fn, out_shardings=shardings)(self.key)
+
+  def state(self):
+    """The initial state on the mesh (with pretrained weights in place)."""
+    state = self._jit(self.init, self.shardings)
+    if hasattr(self.family, "load_weights"):
+      state = jax.device_put(self.family.load_weights(state), self.shardings)
+    return state
+
+  def restore_target(self):
+    """What a checkpoint restores into: shapes and shardings, plus the frozen weights
+    (checkpoints do not hold them), built and loaded alone."""
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          self.abstract, self.shardings)
+    if hasattr(self.family, "load_weights") and jax.tree.leaves(self.abstract.frozen):
+      frozen = self._jit(lambda rng: self.init(rng).frozen, self.shardings.frozen)
+      loaded = self.family.load_weights(target.replace(frozen=frozen)).frozen
+      target = target.replace(frozen=jax.device_put(loaded, self.shardings.frozen))
+    return target
 
 
 def init_sharded_state(family, mesh, rules: dict, seed: int):
-  """(state, its shardings): the family's initial state (with the guard's statistics)
-  built under `jax.jit` straight into the shardings its parameters' logical names give
-  (`family.param_names()`; all replicated for a family without one), so no device
-  ever holds more than its part."""
-  init = lambda rng: guard.init(family.init_state(rng))
-  key = jax.random.PRNGKey(seed)
-  names = family.param_names() if hasattr(family, "param_names") else None
-  with activation_sharding(mesh, rules):
-    abstract = jax.eval_shape(init, key)
-    shardings = sharding_lib.state_shardings(abstract, names, mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)(key)
-  return state, shardings
+  """(state, its shardings): the family's initial state built under `jax.jit` straight
+  into the shardings its parameters' logical names give (see `_ShardedInit`)."""
+  init = _ShardedInit(family, mesh, rules, seed)
+  return init.state(), init.shardings
 
 
 class Preempted(Exception):

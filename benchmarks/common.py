@@ -1,10 +1,12 @@
 """What every step benchmark shares: synchronised timing, the peak FLOP/s an MFU is taken
 against, and compiling + timing a family's `train_step` exactly as the training loop runs
-it (replicated state, donated, batch sharded over every device)."""
+it (state sharded by its parameters' logical names over a (data, fsdp, tensor) mesh,
+donated, batch split over data x fsdp)."""
 
 from __future__ import annotations
 
 import functools
+import math
 import platform
 import resource
 import time
@@ -13,9 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aigc_jax.nn.partitioning import activation_sharding
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.loop import init_sharded_state
 from aigc_jax.train.memory import keep_step_memory
+from aigc_jax.train.sharding import max_device_bytes
 from benchmarks.flops import compiled_matmul_flops, count_matmul_flops
 
 # Dense bfloat16 datasheet peaks per chip, TFLOP/s; matched against device_kind.
@@ -74,40 +79,83 @@ def _first(analysis):
   return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
 
-def compile_step(family, host_batch, max_devices: int = 0) -> dict:
-  """`family.train_step` compiled as the training loop compiles it (inside the non-finite
-  guard, replicated state, donated, batch sharded over all devices): the initial state,
-  the sharded batch, the mesh, the compiled step, lowering and compile seconds, and the
-  matmul + convolution FLOPs of one step counted twice: from the step's jaxpr, dead code
-  removed ("jaxpr_flops_per_step"), and from the compiled program
+def mesh_config(spec: dict | None, batch_size: int, max_devices: int = 0) -> dict:
+  """A `mesh` config section ({data, fsdp, tensor, num_devices}) from a spec such as
+  {"data": 1, "fsdp": 8} (absent axes: 1; one may be -1, the devices left over); None:
+  data parallel over every device that can take an equal share of the batch, at most
+  max_devices (0: no limit)."""
+  if spec is None:
+    limit = min(max_devices or jax.device_count(), jax.device_count())
+    spec = {"data": max(n for n in range(1, limit + 1) if batch_size % n == 0)}
+  unknown = sorted(set(spec) - set(mesh_lib.MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh spec {spec}: unknown axes {unknown}; use {mesh_lib.MESH_AXES}")
+  sizes = {axis: int(spec.get(axis, 1)) for axis in mesh_lib.MESH_AXES}
+  # Without a -1 the sizes fix the device count; the rest of the devices stay idle.
+  num_devices = -1 if -1 in sizes.values() else math.prod(sizes.values())
+  return {**sizes, "num_devices": num_devices}
+
+
+def mesh_label(mesh) -> str:
+  """'data=1,fsdp=8,tensor=1': a mesh's axis sizes, as `--mesh` takes them."""
+  return ",".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+
+
+def parse_mesh(text: str) -> dict:
+  """'data=1,fsdp=8,tensor=1' -> {"data": 1, "fsdp": 8, "tensor": 1}."""
+  spec = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    axis, _, size = part.partition("=")
+    if axis.strip() not in mesh_lib.MESH_AXES or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"mesh {text!r}: expected AXIS=SIZE pairs with AXIS one of "
+                       f"{mesh_lib.MESH_AXES}, e.g. data=1,fsdp=8,tensor=1")
+    spec[axis.strip()] = int(size)
+  return spec
+
+
+def compile_step(family, host_batch, max_devices: int = 0, mesh: dict | None = None,
+                 seed: int = 0) -> dict:
+  """`family.train_step` compiled as the training loop compiles it: the state built by
+  `init_sharded_state` straight into the shardings its parameters' logical names give
+  under the default rules, the guarded step jitted with those shardings (batch split over
+  data x fsdp), state donated, lowered inside `activation_sharding`. Returns the initial
+  state, the sharded batch, the mesh, the rules, the compiled step, lowering and compile
+  seconds, and the matmul + convolution FLOPs of one step counted twice: from the step's
+  jaxpr, dead code removed ("jaxpr_flops_per_step"), and from the compiled program
   ("compiled_flops_per_step", summed over devices; None, with "compiled_flops_error", when
-  its HLO holds a custom call that benchmarks.flops cannot read). The mesh has every
-  device that can take an equal share of the batch, at most max_devices (0: no limit).
-  On several devices the two counts may differ: work a device repeats (a replicated
-  computation) counts once per device, and a weight gradient over a one-example shard
-  contracts nothing (an outer product, not counted)."""
+  its HLO holds a custom call that benchmarks.flops cannot read).
+
+  `mesh`: axis sizes such as {"data": 1, "fsdp": 8, "tensor": 1} (`mesh_config`); None:
+  data parallel over every device that can take an equal share of the batch, at most
+  max_devices (0: no limit). On several devices the two FLOP counts may differ: work a
+  device repeats (a replicated computation) counts once per device, and a weight gradient
+  over a one-example shard contracts nothing (an outer product, not counted)."""
   if jax.default_backend() == "cpu":
     keep_step_memory()  # as the training loop does
-  # Every device that can take an equal share of the batch (all of them, normally).
   batch_size = len(jax.tree.leaves(host_batch)[0])
-  limit = min(max_devices or jax.device_count(), jax.device_count())
-  mesh = mesh_lib.make_mesh(max(n for n in range(1, limit + 1) if batch_size % n == 0))
-  rep = mesh_lib.replicated(mesh)
-  state = jax.jit(lambda rng: guard.init(family.init_state(rng)),
-                  out_shardings=rep)(jax.random.PRNGKey(0))
+  mesh_cfg = mesh_config(mesh, batch_size, max_devices)
+  device_mesh = mesh_lib.make_mesh(mesh_cfg)
+  rules = mesh_lib.rules_from_config(None)  # the default rules table
+  mesh_lib.check_batch_divisible(batch_size, device_mesh)
+  if hasattr(family, "check_mesh"):  # as open_run: e.g. heads that must split whole
+    family.check_mesh(device_mesh, rules)
+  state, state_sharding = init_sharded_state(family, device_mesh, rules, seed)
   train_step = guard.guard_step(family.train_step)
-  batch = mesh_lib.put_batch(host_batch, mesh)
-  shardings = jax.tree.map(lambda _: rep, state)
-  jitted = jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(shardings, rep), donate_argnums=0)
-  t0 = time.perf_counter()
-  lowered = jitted.lower(state, batch)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  out = {"state": state, "batch": batch, "mesh": mesh, "compiled": compiled,
-         "lower_s": t1 - t0, "compile_s": t2 - t1,
-         "jaxpr_flops_per_step": count_matmul_flops(train_step, state, batch)}
+  batch = mesh_lib.put_batch(host_batch, device_mesh)
+  jitted = jax.jit(train_step,
+                   in_shardings=(state_sharding, mesh_lib.batch_sharding(device_mesh)),
+                   out_shardings=(state_sharding, mesh_lib.replicated(device_mesh)),
+                   donate_argnums=0)
+  with activation_sharding(device_mesh, rules):  # Run.sharded(): activations pinned
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    jaxpr_flops = count_matmul_flops(train_step, state, batch)
+  out = {"state": state, "batch": batch, "mesh": device_mesh, "rules": rules,
+         "compiled": compiled, "lower_s": t1 - t0, "compile_s": t2 - t1,
+         "jaxpr_flops_per_step": jaxpr_flops}
   try:
     out["compiled_flops_per_step"] = compiled_matmul_flops(compiled)
   except ValueError as e:  # e.g. an accelerator's custom call; reported, not guessed
@@ -115,14 +163,24 @@ def compile_step(family, host_batch, max_devices: int = 0) -> dict:
   return out
 
 
-def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -> dict:
-  """Compiles the step (`compile_step`) and times it: lowering and compile seconds, median
-  / min / spread of `steps` synchronised steps, parameter count, matmul + convolution
-  FLOPs of the step's jaxpr (dead code removed) and of the compiled program, XLA's
-  FLOPs, and memory."""
-  c = compile_step(family, host_batch)
+def state_bytes(state) -> dict:
+  """The most bytes any one device holds of the parameters + optimizer state, of the
+  frozen weights, and of the whole state (each its own maximum over devices)."""
+  return {"params_opt_device_bytes": max_device_bytes((state.params, state.opt_state)),
+          "frozen_device_bytes": max_device_bytes(state.frozen),
+          "state_device_bytes": max_device_bytes(state)}
+
+
+def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3,
+                 mesh: dict | None = None) -> dict:
+  """Compiles the step (`compile_step` on `mesh`) and times it: the mesh, lowering and
+  compile seconds, median / min / spread of `steps` synchronised steps, parameter count,
+  per-device bytes of the state (`state_bytes`), matmul + convolution FLOPs of the step's
+  jaxpr (dead code removed) and of the compiled program, XLA's FLOPs, and memory."""
+  c = compile_step(family, host_batch, mesh=mesh)
   compiled, batch = c["compiled"], c["batch"]
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(c["state"].params))
+  placed = state_bytes(c["state"])  # before the first step donates the state
   holder = {"state": c.pop("state")}
 
   def one_step():
@@ -137,10 +195,14 @@ def measure_step(family, host_batch, metric: str, steps: int, warmup: int = 3) -
   memory = compiled.memory_analysis()
   stats = jax.devices()[0].memory_stats() or {}
   flops = {k: v for k, v in c.items() if "flops" in k}
-  return {"params": params, "devices": c["mesh"].size, "lower_s": c["lower_s"],
+  return {"params": params, "devices": c["mesh"].size, "mesh": mesh_label(c["mesh"]),
+          **placed, "lower_s": c["lower_s"],
           "compile_s": c["compile_s"], "step_median_s": median, "step_min_s": best,
           "step_std_s": spread, **flops,
-          "xla_flops_per_step": float(cost.get("flops", -1)),
+          # cost_analysis() counts one device's partition of an SPMD program: all devices
+          # run it, so the step's total (like compiled_flops_per_step) is that x devices.
+          "xla_flops_per_step": (float(cost["flops"]) * c["mesh"].size if "flops" in cost
+                                 else -1.0),
           "compiled_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
           "compiled_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
           "peak_device_bytes": stats.get("peak_bytes_in_use"),

@@ -32,10 +32,11 @@ def family_and_batch(case: str, dtype: str) -> tuple[Family, dict]:
                            "labels": np.zeros(batch, np.int32)}
 
 
-def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
+def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False,
+          mesh: dict | None = None) -> dict:
   size, channels, width, z_dim, depth, batch = CASES[case]
   family, host_batch = family_and_batch(case, dtype)
-  measured = measure_step(family, host_batch, "g_loss", steps)
+  measured = measure_step(family, host_batch, "g_loss", steps, mesh=mesh)
   torch_fn = None
   if torch:
     from benchmarks.torch_dcgan import time_step

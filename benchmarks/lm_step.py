@@ -13,9 +13,11 @@ from benchmarks.common import measure_step, step_row
 
 # name: (layers, heads, width, SwiGLU width, context, batch, vocabulary). The SwiGLU
 # widths keep the FLOPs of a 4x GELU MLP (2/3 of 4 x width); 257 is the byte vocabulary.
+# Batches of 8 and 16 split over 8 devices (the cpu8 preset, the sharded tests).
 CASES = {
-    "tiny": (1, 2, 32, 64, 16, 2, 257),
+    "tiny": (1, 2, 32, 64, 16, 8, 257),
     "nanogpt": (4, 4, 128, 344, 64, 12, 257),  # nanoGPT's CPU shape
+    "nanogpt_b16": (4, 4, 128, 344, 64, 16, 257),
     "w384": (6, 6, 384, 1024, 256, 16, 257),
     "gpt2_124m": (12, 12, 768, 2048, 1024, 16, 50304),
     "gpt_350m": (24, 16, 1024, 2736, 1024, 8, 50304),
@@ -34,10 +36,11 @@ def family_and_batch(case: str, dtype: str) -> tuple[Family, dict]:
   return Family(c, None), {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
-def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
+def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False,
+          mesh: dict | None = None) -> dict:
   layers, heads, width, _, context, batch, vocab = CASES[case]
   family, host_batch = family_and_batch(case, dtype)
-  measured = measure_step(family, host_batch, "loss", steps)
+  measured = measure_step(family, host_batch, "loss", steps, mesh=mesh)
   torch_fn = None
   if torch:
     from benchmarks.torch_gpt import time_step

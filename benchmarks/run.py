@@ -1,8 +1,16 @@
 """The benchmark suite: each family's compiled train step at the sizes of a preset.
 
-  python -m benchmarks.run [--families lm,gan,vae,finetune] [--preset tiny|cpu|gpu]
-                           [--dtype float32|bfloat16] [--steps N] [--torch auto|on|off]
+  python -m benchmarks.run [--families lm,gan,vae,finetune] [--preset tiny|cpu|cpu8|gpu]
+                           [--mesh data=1,fsdp=8,tensor=1] [--dtype float32|bfloat16]
+                           [--steps N] [--torch auto|on|off]
                            [--out benchmarks/results/PRESET-BACKEND.json]
+
+Every case runs on the mesh `--mesh` gives (default: data parallel over every device that
+can take an equal share of the batch), its state sharded by the parameters' logical names
+under the default rules, as a training run shards it. The `cpu8` preset runs every family
+twice on 8 fake CPU devices (it sets XLA_FLAGS itself in a fresh process): replicated
+(data=8) and FSDP (fsdp=8), and tabulates the per-device bytes of parameters + optimizer
+state, of frozen weights and of the whole state on each, with the step time.
 
 For every case: lowering and compile seconds; the median, min and spread of N timed steps
 (after warm-up, each synchronised with block_until_ready); examples/s (tokens/s for the
@@ -27,7 +35,7 @@ import sys
 import jax
 
 from benchmarks import finetune_step, gan_step, lm_step, vae_step
-from benchmarks.common import device_description, peak_flops
+from benchmarks.common import device_description, parse_mesh, peak_flops
 
 BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step, "finetune": finetune_step}
 # preset: (default dtype, {family: [(case, timed steps)]})
@@ -40,26 +48,51 @@ PRESETS = {
                          "vae": [("32px", 20)],
                          "finetune": [("sft_lora", 20), ("sft_full", 20),
                                       ("classify_lora", 20)]}),
+    # Small cases whose batches and sharded widths divide by 8; few steps, so that both
+    # meshes of all four families fit in minutes on 2 cores.
+    "cpu8": ("float32", {"lm": [("nanogpt_b16", 5)], "gan": [("28px", 5)],
+                         "vae": [("28px", 5)], "finetune": [("sft_lora_2l", 3)]}),
 }
+# Presets that run every case on several meshes (the first: the baseline the others'
+# per-device bytes are compared with): (fake CPU devices they are meant for, meshes).
+MESH_PRESETS = {"cpu8": (8, ({"data": 8}, {"data": 1, "fsdp": 8, "tensor": 1}))}
+DEFAULT_FAMILIES = {"cpu8": "lm,gan,vae,finetune"}  # other presets: lm,gan,vae
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def force_host_devices(n: int) -> bool:
+  """Asks XLA:CPU for `n` devices ($XLA_FLAGS) unless JAX has started a backend (too
+  late: the flag is read then) or $XLA_FLAGS sets a count already; True if it set it."""
+  from jax._src import xla_bridge
+
+  current = os.environ.get("XLA_FLAGS", "")
+  if xla_bridge.backends_are_initialized() or HOST_DEVICES_FLAG in current:
+    return False
+  os.environ["XLA_FLAGS"] = f"{current} {HOST_DEVICES_FLAG}={n}".strip()
+  return True
 
 
 def run(families: list[str], preset: str, dtype: str | None = None, steps: int = 0,
-        torch: bool = False, command: str = "") -> dict:
-  """Every case of `preset` for `families`; returns {"meta": ..., "rows": [...]}."""
+        torch: bool = False, command: str = "", mesh: dict | None = None) -> dict:
+  """Every case of `preset` for `families`, on `mesh` (axis sizes, e.g. {"fsdp": 8}; None:
+  the preset's meshes, else data parallel); returns {"meta": ..., "rows": [...]}."""
   default_dtype, cases = PRESETS[preset]
   dtype = dtype or default_dtype
+  meshes = [mesh] if mesh else list(MESH_PRESETS.get(preset, (0, [None]))[1])
   peak, peak_source = peak_flops("float32" if jax.default_backend() == "cpu" else dtype)
   rows = []
   for family in families:
     for case, case_steps in cases.get(family, []):
-      print(f"[benchmarks] {family} {case} ...", file=sys.stderr, flush=True)
-      # PyTorch's reference steps are float32: compared only at float32.
-      row = BENCHES[family].bench(case, steps or case_steps, dtype,
-                                  torch and dtype == "float32")
-      row["mfu"] = row["achieved_flops_per_s"] / peak
-      rows.append(row)
+      for case_mesh in meshes:
+        print(f"[benchmarks] {family} {case} mesh {case_mesh or 'data parallel'} ...",
+              file=sys.stderr, flush=True)
+        # PyTorch's reference steps are float32: compared only at float32.
+        row = BENCHES[family].bench(case, steps or case_steps, dtype,
+                                    torch and dtype == "float32", mesh=case_mesh)
+        row["mfu"] = row["achieved_flops_per_s"] / peak
+        rows.append(row)
   meta = {"device": device_description(), "backend": jax.default_backend(),
-          "jax": jax.__version__, "preset": preset, "dtype": dtype,
+          "jax": jax.__version__, "preset": preset, "dtype": dtype, "meshes": meshes,
           "peak_flops_per_s": peak, "peak_source": peak_source,
           "date": datetime.date.today().isoformat(), "command": command}
   return {"meta": meta, "rows": rows}
@@ -73,19 +106,34 @@ def _mib(n) -> str:
   return "-" if not n else f"{n / 2 ** 20:,.0f}"
 
 
+def _mib_fine(n) -> str:
+  """MiB to three significant figures (per-device state of small models is < 1 MiB)."""
+  return "-" if n is None else "0" if n == 0 else f"{n / 2 ** 20:,.3g}"
+
+
+def short_mesh(label: str | None) -> str:
+  """'data=1,fsdp=8,tensor=1' -> 'fsdp=8': the axes that split anything ('-': results
+  from before meshes were recorded)."""
+  if not label:
+    return "-"
+  split = [part for part in label.split(",") if not part.endswith("=1")]
+  return ",".join(split) or "1 device"
+
+
 def markdown(results: dict) -> str:
   m = results["meta"]
   lines = [f"### Train step, {m['device']}, JAX {m['jax']}, preset `{m['preset']}`",
            "",
-           "| family | case | shape | batch | dtype | params | compile s | step ms (median / "
-           "min ± std) | examples/s | tokens/s | model GFLOP | XLA GFLOP | GFLOP/s | MFU "
-           "| temp MiB | peak RSS MiB | PyTorch ms | speed-up |",
-           "|---" * 18 + "|"]
+           "| family | case | shape | mesh | batch | dtype | params | compile s | step ms "
+           "(median / min ± std) | examples/s | tokens/s | model GFLOP | XLA GFLOP | GFLOP/s "
+           "| MFU | temp MiB | peak RSS MiB | PyTorch ms | speed-up |",
+           "|---" * 19 + "|"]
   for r in results["rows"]:
     tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "-"
     speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
     lines.append(
-        f"| {r['family']} | {r['case']} | {r['shape']} | {r['batch']} | {r['dtype']} | "
+        f"| {r['family']} | {r['case']} | {r['shape']} | {short_mesh(r.get('mesh'))} | "
+        f"{r['batch']} | {r['dtype']} | "
         f"{r['params'] / 1e6:.2f}M | {r['compile_s']:.1f} | {_ms(r['step_median_s'])} / "
         f"{_ms(r['step_min_s'])} ± {_ms(r['step_std_s'])} | {r['examples_per_s']:,.1f} | "
         f"{tokens} | {r['model_flops_per_step'] / 1e9:.3g} | "
@@ -97,7 +145,43 @@ def markdown(results: dict) -> str:
             "Model FLOPs: the LM's in MaxText's convention; the GAN's and VAE's, the matmuls "
             "and convolutions the compiled step runs (benchmarks/flops.py). "
             f"Reproduce: `{m['command']}`."]
+  if len(m.get("meshes", ())) > 1:
+    lines += ["", sharding_markdown(results)]
   return "\n".join(lines) + "\n"
+
+
+def sharding_markdown(results: dict) -> str:
+  """Per-device bytes of each case's state on every mesh it ran on, against the first
+  mesh's (the preset's baseline), beside the step time."""
+  cases: dict = {}
+  for r in results["rows"]:
+    cases.setdefault((r["family"], r["case"]), {})[short_mesh(r["mesh"])] = r
+  meshes = list(dict.fromkeys(short_mesh(r["mesh"]) for r in results["rows"]))
+  base, others = meshes[0], meshes[1:]
+  per_mesh = lambda title: [f"{title} {mesh}" for mesh in meshes]
+  header = ["family", "case", "shape", *per_mesh("params+opt MiB/device"),
+            *[f"ratio {mesh} / {base}" for mesh in others],
+            *per_mesh("frozen MiB/device"), *per_mesh("state MiB/device"),
+            *per_mesh("step ms")]
+  lines = [f"#### Per-device state, {' vs '.join(meshes)}", "",
+           "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  for (family, case), rows in cases.items():
+    get = lambda key, rows=rows: [rows[mesh][key] if mesh in rows else None
+                                  for mesh in meshes]
+    params_opt = get("params_opt_device_bytes")
+    ratios = [f"{b / params_opt[0]:.3f}" if b and params_opt[0] else "-"
+              for b in params_opt[1:]]
+    cells = [family, case, next(iter(rows.values()))["shape"],
+             *map(_mib_fine, params_opt), *ratios,
+             *map(_mib_fine, get("frozen_device_bytes")),
+             *map(_mib_fine, get("state_device_bytes")), *map(_ms, get("step_median_s"))]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "params+opt: the parameters a step trains and their optimizer state; frozen: "
+            "weights it reads but does not train (a fine-tuned model's base); state: all of "
+            "it (with step, keys, EMA and guard statistics). Each is the most any one "
+            "device holds (`aigc_jax.train.sharding.max_device_bytes`). Rules: "
+            "`aigc_jax.train.mesh.DEFAULT_RULES`."]
+  return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> None:
@@ -107,7 +191,9 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   rows = results["rows"]
-  labels = [f"{r['family']} {r['case']}" for r in rows]
+  several = len(results["meta"].get("meshes", ())) > 1
+  labels = [f"{r['family']} {r['case']}" + (f" {short_mesh(r['mesh'])}" if several else "")
+            for r in rows]
   ours = [r["examples_per_s"] for r in rows]
   torch = [r["batch"] / r["torch_step_median_s"] if "torch_step_median_s" in r else 0
            for r in rows]
@@ -139,10 +225,21 @@ def write(results: dict, out: str) -> list[str]:
   return paths
 
 
+def _mesh_arg(text: str) -> dict:
+  try:
+    return parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--families", default="lm,gan,vae")
+  p.add_argument("--families", default=None,
+                 help="comma-separated (default: lm,gan,vae; cpu8: lm,gan,vae,finetune)")
   p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  p.add_argument("--mesh", default="", type=_mesh_arg,
+                 help="axis sizes of every case's mesh, e.g. data=1,fsdp=8,tensor=1 "
+                      "(default: the preset's meshes, else data parallel)")
   p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                  help="the models' compute dtype (default: the preset's)")
   p.add_argument("--steps", type=int, default=0, help="timed steps per case (0: preset's)")
@@ -150,14 +247,24 @@ def main(argv=None) -> dict:
                  help="time eager PyTorch beside each case (auto: on CPU only)")
   p.add_argument("--out", default="")
   a = p.parse_args(argv)
-  families = [f.strip() for f in a.families.split(",") if f.strip()]
+  family_list = a.families or DEFAULT_FAMILIES.get(a.preset, "lm,gan,vae")
+  families = [f.strip() for f in family_list.split(",") if f.strip()]
   unknown = sorted(set(families) - set(BENCHES))
   if unknown:
     p.error(f"unknown families {unknown}; choose from {sorted(BENCHES)}")
-  torch = a.torch == "on" or (a.torch == "auto" and jax.default_backend() == "cpu")
+  if a.preset in MESH_PRESETS:
+    devices = MESH_PRESETS[a.preset][0]
+    force_host_devices(devices)  # before anything below starts JAX's backend
+    if jax.device_count() < devices:
+      p.error(f"preset {a.preset} needs {devices} devices, JAX sees {jax.device_count()}: "
+              f"run it in a fresh process (it sets {HOST_DEVICES_FLAG}={devices}) or set "
+              f"XLA_FLAGS={HOST_DEVICES_FLAG}={devices}")
+  # Eager PyTorch runs on one device: no peer for the multi-mesh presets.
+  torch = a.torch == "on" or (a.torch == "auto" and jax.default_backend() == "cpu"
+                              and a.preset not in MESH_PRESETS)
   argv = sys.argv[1:] if argv is None else argv
   results = run(families, a.preset, a.dtype, a.steps, torch,
-                " ".join(["python -m benchmarks.run", *argv]))
+                " ".join(["python -m benchmarks.run", *argv]), a.mesh or None)
   out = a.out or os.path.join("benchmarks", "results",
                               f"{a.preset}-{jax.default_backend()}.json")
   print(markdown(results))

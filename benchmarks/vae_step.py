@@ -30,10 +30,11 @@ def family_and_batch(case: str, dtype: str) -> tuple[Family, dict]:
   return Family(c, None), {"images": images.astype(np.float32)}
 
 
-def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False) -> dict:
+def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False,
+          mesh: dict | None = None) -> dict:
   size, channels, latent, width, hidden, batch = CASES[case]
   family, host_batch = family_and_batch(case, dtype)
-  measured = measure_step(family, host_batch, "loss", steps)
+  measured = measure_step(family, host_batch, "loss", steps, mesh=mesh)
   torch_fn = None
   if torch:
     from benchmarks.torch_vae import time_step

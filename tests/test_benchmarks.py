@@ -13,8 +13,9 @@ from aigc_jax.models.transformer import Transformer, TransformerConfig
 from aigc_jax.nn.upsample import UpConv2x
 from aigc_jax.train import guard
 from benchmarks import run
-from benchmarks.common import compile_step, model_flops
+from benchmarks.common import compile_step, model_flops, state_bytes
 from benchmarks.flops import compiled_matmul_flops, count_matmul_flops
+from tests.conftest import run_python
 
 
 def compiled_flops(fn, *args) -> int:
@@ -84,6 +85,41 @@ def test_tiny_preset_writes_json_markdown_and_plot(tmp_path):
   table = (tmp_path / "bench.md").read_text()
   assert table.count("\n| lm |") == 1 and "MFU against" in table
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def replicated_and_fsdp_tiny_lm() -> dict:
+  """{mesh: (per-device state bytes, first loss)} of the tiny LM case on data=8 and on
+  fsdp=8 (needs 8 devices)."""
+  family, host_batch = run.BENCHES["lm"].family_and_batch("tiny", "float32")
+  out = {}
+  for name, mesh in (("data", {"data": 8}), ("fsdp", {"data": 1, "fsdp": 8})):
+    c = compile_step(family, host_batch, mesh=mesh)
+    assert c["mesh"].shape == {"data": mesh["data"], "fsdp": mesh.get("fsdp", 1), "tensor": 1}
+    placed = state_bytes(c["state"])
+    _, metrics = c["compiled"](c["state"], c["batch"])
+    out[name] = (placed, float(metrics["loss"]))
+  return out
+
+
+@pytest.mark.sharded
+def test_fsdp_holds_an_eighth_of_the_replicated_params_and_optimizer_state():
+  """The state compile_step builds is sharded as the loop shards it: on fsdp=8 each device
+  holds at most 1/8 of the parameters + optimizer state a replicated device holds (5%
+  over: the norm scales stay whole), and the step computes the same loss. With fewer than
+  8 devices here, it runs in a process with 8 fake CPU devices."""
+  if jax.device_count() >= 8:
+    result = replicated_and_fsdp_tiny_lm()
+  else:
+    code = ("import json; from tests.test_benchmarks import replicated_and_fsdp_tiny_lm; "
+            "print(json.dumps(replicated_and_fsdp_tiny_lm()))")
+    proc = run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+  (replicated, loss_replicated), (fsdp, loss_fsdp) = result["data"], result["fsdp"]
+  assert replicated["frozen_device_bytes"] == fsdp["frozen_device_bytes"] == 0
+  assert 0 < fsdp["params_opt_device_bytes"] <= replicated["params_opt_device_bytes"] / 8 * 1.05
+  assert fsdp["state_device_bytes"] < replicated["state_device_bytes"] / 4
+  np.testing.assert_allclose(loss_fsdp, loss_replicated, rtol=1e-5)
 
 
 def upconv_taps(n: int) -> int:

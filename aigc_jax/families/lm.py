@@ -22,6 +22,7 @@ from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling, generate
 from aigc_jax.models.transformer import (
   ATTENTION_IMPLEMENTATIONS,
   DTYPES,
+  REMAT_POLICIES,
   Transformer,
   TransformerConfig,
   detach_dropout_rngs,
@@ -51,7 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
       # auto (cudnn on GPU, blockwise on CPU, einsum elsewhere) | blockwise | einsum |
       # xla | cudnn | jax
       attention="auto",
-      remat=False,
+      # Per-block rematerialisation: none | full | dots_saveable |
+      # dots_with_no_batch_dims_saveable | nothing_saveable | everything_saveable
+      # (jax.checkpoint_policies); remat=True (older configs) means 'full'.
+      remat=False, remat_policy="none",
+      scan_layers=False,  # stacked blocks under lax.scan: compile time flat in depth
       logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(
       name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds
@@ -95,6 +100,8 @@ def validate(c) -> None:
           f"must be even for rotary embeddings, got {head_dim}")
   require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   require(m.dtype in DTYPES, "model.dtype", f"must be one of {sorted(DTYPES)}, got {m.dtype!r}")
+  require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
+          f"must be one of {list(REMAT_POLICIES)}, got {m.remat_policy!r}")
   require(m.attention in ATTENTION_IMPLEMENTATIONS, "model.attention",
           f"must be one of {ATTENTION_IMPLEMENTATIONS}, got {m.attention!r}")
   if m.attention == "cudnn":

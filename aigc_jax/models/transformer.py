@@ -1,8 +1,16 @@
 """Decoder-only transformer language model, Llama-style (Flax NNX).
 
 RMSNorm pre-normalisation, rotary positions, SwiGLU MLP, grouped-query attention,
-optional tied embeddings, dropout and block rematerialisation. Parameters are float32;
-`dtype` is the compute dtype; logits are returned in float32.
+optional tied embeddings, dropout and block rematerialisation (by a named
+`jax.checkpoint_policies` policy). Parameters are float32; `dtype` is the compute dtype;
+logits are returned in float32.
+
+Layer layouts: by default the L blocks are L modules (`blocks.0`, `blocks.1`, ...), unrolled
+in the compiled program. With `scan_layers=True` they are one module whose parameters carry
+a leading layer axis of size L (logical name None: never split) and run under
+`jax.lax.scan`, so compile time does not grow with depth; `block_layout.stack_blocks` /
+`unstack_blocks` convert parameter dicts between the layouts. Pretrained import/export
+and LoRA read the unrolled layout (`block_layout.require_unrolled`).
 
 Dropout follows NNX's convention: each dropout layer holds its own key stream (forked from
 the 'dropout' stream of the `rngs` the model is built with), and `model.train()` /
@@ -34,6 +42,18 @@ from aigc_jax.nn.partitioning import annotate, constrain
 from aigc_jax.nn.rope import rope_angles, rope_angles_from_zero
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "einsum", "xla", "cudnn", "jax")
+# Rematerialisation of each block in training: 'none' keeps every activation, 'full'
+# recomputes the block in the backward pass, the rest name `jax.checkpoint_policies` (what
+# the backward pass may keep instead of recomputing).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint` policy of a REMAT_POLICIES name (None for 'full': save nothing)."""
+  if name not in REMAT_POLICIES or name == "none":
+    raise ValueError(f"no checkpoint policy for remat policy {name!r}")
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
 
 
 def resolve_attention(name: str) -> str:
@@ -66,13 +86,28 @@ class TransformerConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   attention: str = "auto"
-  remat: bool = False
+  remat: bool = False  # older configs' switch: True is remat_policy 'full'
+  remat_policy: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = False  # stacked blocks under lax.scan (module docstring)
   # Training/evaluation losses form [B, logits_chunk, V] logits at a time (0: all T at
   # once); see nn.cross_entropy. Worth it when V is large.
   logits_chunk: int = 0
   # The context length of the pretrained file the weights came from (0: none, or
   # max_seq_len): what export writes, whatever max_seq_len the model was loaded with.
   pretrained_max_seq_len: int = 0
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise UserError(f"config 'model.remat_policy'={self.remat_policy!r} is not a known "
+                      f"policy: choose one of {list(REMAT_POLICIES)}")
+    if self.scan_layers and self.num_layers < 1:
+      raise UserError(f"config 'model.num_layers'={self.num_layers} with model.scan_layers=True: "
+                      "a scan needs at least one block")
+
+  @property
+  def resolved_remat_policy(self) -> str:
+    """remat_policy, with the older `remat=True` meaning 'full' when no policy is named."""
+    return "full" if self.remat and self.remat_policy == "none" else self.remat_policy
 
   @property
   def resolved_head_dim(self) -> int:
@@ -181,6 +216,30 @@ def _run_block(block, x, angles):
   return block(x, angles, None, None, None)[0]
 
 
+def _stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters have a leading layer axis of size L (logical name None),
+  each layer initialised from its own split of `rngs`."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+  def build(rngs):
+    return Block(cfg, rngs)
+
+  blocks = build(rngs)
+  # The vmapped build gives each dropout layer a batch of L key streams. One unbatched
+  # stream instead, like every other dropout layer's (what `train_with_key` and
+  # `nnx.reseed` handle): `_scan_blocks` draws from it once per call and splits the key
+  # into the L layers' keys.
+  for layer in _dropout_layers(blocks):
+    layer.rngs = dropout_layer(layer.rate, rngs).rngs
+  return blocks
+
+
+def _drawing_dropouts(module: nnx.Module) -> list[nnx.Dropout]:
+  """The dropout layers that draw keys when called (rate > 0, on, with a stream)."""
+  return [m for m in _dropout_layers(module) if not m.deterministic and m.rngs is not None]
+
+
 class Transformer(nnx.Module):
   """tokens [B, T] int32 -> logits [B, T, V] float32 (and an updated cache when given).
 
@@ -195,7 +254,10 @@ class Transformer(nnx.Module):
                            param_dtype=jnp.float32,
                            embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
     annotate(self.embed.embedding, ("vocab", "embed"))
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _rms_norm(cfg, rngs)
     self.embed_dropout = dropout_layer(cfg.dropout, rngs)
     if not cfg.tie_embeddings:
@@ -203,14 +265,14 @@ class Transformer(nnx.Module):
                             param_dtype=jnp.float32, axes=("embed", "vocab"), rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
-               cache: list[KVCache] | None = None, cache_index: jax.Array | None = None,
-               start_B: jax.Array | None = None):
+               cache: list[KVCache] | KVCache | None = None,
+               cache_index: jax.Array | None = None, start_B: jax.Array | None = None):
     """Without `cache`: causal LM over the T tokens; returns logits_BTV.
 
-    With `cache` (from `init_cache`): the tokens occupy absolute slots
-    [cache_index, cache_index + T); row b's real tokens start at slot start_B[b] (left
-    padding before it is masked out and positions count from it). Returns
-    (logits_BTV, new_cache).
+    With `cache` (from `init_cache`: a list of per-layer KVCaches, or with scan_layers one
+    stacked KVCache): the tokens occupy absolute slots [cache_index, cache_index + T);
+    row b's real tokens start at slot start_B[b] (left padding before it is masked out
+    and positions count from it). Returns (logits_BTV, new_cache).
     """
     h_BTD, new_cache = self._trunk(tokens_BT, positions_BT, cache, cache_index, start_B)
     logits_BTV = self.logits(h_BTD)
@@ -267,28 +329,68 @@ class Transformer(nnx.Module):
     x_BTD = constrain(self.embed_dropout(x_BTD), _ACT_BTD)
     mask_B1TS = None
     if cache is not None:
-      S = cache[0].k_BSKH.shape[1]
+      S = self._check_cache(cache)
       if start_B is None:
         start_B = jnp.zeros((B,), jnp.int32)
       slot_S = jnp.arange(S, dtype=jnp.int32)
       query_slot_T = cache_index + jnp.arange(T, dtype=jnp.int32)
       mask_B1TS = ((slot_S[None, None, None, :] >= start_B[:, None, None, None])
                    & (slot_S[None, None, None, :] <= query_slot_T[None, None, :, None]))
+    if cfg.scan_layers:
+      x_BTD, new_cache = self._scan_blocks(x_BTD, angles, cache, cache_index, mask_B1TS)
+      return self.final_norm(x_BTD).astype(dtype), new_cache
+    policy = cfg.resolved_remat_policy
     new_cache = []
     for i, block in enumerate(self.blocks):
-      if cache is None and cfg.remat:
-        x_BTD = nnx.remat(_run_block)(block, x_BTD, angles)
+      if cache is None and policy != "none":
+        x_BTD = nnx.remat(_run_block, policy=checkpoint_policy(policy))(block, x_BTD, angles)
       else:
         x_BTD, layer_cache = block(x_BTD, angles, None if cache is None else cache[i],
                                    cache_index, mask_B1TS)
         new_cache.append(layer_cache)
     return self.final_norm(x_BTD).astype(dtype), new_cache
 
-  def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
-    """An empty KV cache: per layer, k and v of shape [batch, max_len, K, H]."""
+  def _scan_blocks(self, x_BTD, angles, cache, cache_index, mask_B1TS):
+    """The stacked blocks under `lax.scan`: layer l's parameters, dropout keys and cache
+    slice are the scanned inputs; its cache the scanned output."""
+    L = self.cfg.num_layers
+    # Each drawing dropout layer advances its stream once per call, like an unrolled
+    # block's, and every layer gets its own key from that draw.
+    keys = [jax.random.split(layer.rngs(), L) for layer in _drawing_dropouts(self.blocks)]
+    graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+
+    def body(x_BTD, layer):
+      params_l, keys_l, cache_l = layer
+      block = nnx.merge(graphdef, params_l, rest)
+      for dropout, key in zip(_drawing_dropouts(block), keys_l, strict=True):
+        dropout.rngs = nnx.RngStream(key, tag="dropout")
+      return block(x_BTD, angles, cache_l, cache_index, mask_B1TS)
+
+    policy = self.cfg.resolved_remat_policy
+    if cache is None and policy != "none":
+      # prevent_cse=False: the scan already keeps XLA from merging the recomputation away.
+      body = jax.checkpoint(body, policy=checkpoint_policy(policy), prevent_cse=False)
+    return jax.lax.scan(body, x_BTD, (params, keys, cache))
+
+  def _check_cache(self, cache) -> int:
+    """S, the cache's length; UserError for a cache of the other layer layout."""
+    stacked = isinstance(cache, KVCache)
+    if stacked != self.cfg.scan_layers:
+      raise UserError(f"the cache is {'stacked' if stacked else 'a list of layers'}, but the "
+                      f"model has model.scan_layers={self.cfg.scan_layers}: make it with "
+                      "this model's init_cache")
+    return cache.k_BSKH.shape[2] if stacked else cache[0].k_BSKH.shape[1]
+
+  def init_cache(self, batch: int, max_len: int) -> list[KVCache] | KVCache:
+    """An empty KV cache: per layer, k and v of shape [batch, max_len, K, H]; with
+    scan_layers one KVCache whose k and v hold all layers, [L, batch, max_len, K, H]."""
     cfg = self.cfg
-    return [init_kv_cache(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim,
-                          DTYPES[cfg.dtype]) for _ in range(cfg.num_layers)]
+    make = lambda: init_kv_cache(batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim,
+                                 DTYPES[cfg.dtype])
+    if cfg.scan_layers:
+      return jax.tree.map(lambda s: jnp.zeros((cfg.num_layers, *s.shape), s.dtype),
+                          jax.eval_shape(make))
+    return [make() for _ in range(cfg.num_layers)]
 
 
 def _dropout_layers(model: nnx.Module) -> list[nnx.Dropout]:

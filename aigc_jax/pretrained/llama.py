@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from aigc_jax.errors import UserError
+from aigc_jax.models.block_layout import require_unrolled
 from aigc_jax.models.transformer import TransformerConfig
 
 # our path inside a block -> (Hugging Face name, GGUF name), after the layer prefix.
@@ -63,6 +64,7 @@ def params_from_tensors(cfg: TransformerConfig, fmt: str,
 
 def tensors_from_params(cfg: TransformerConfig, fmt: str, params: dict) -> dict[str, np.ndarray]:
   """{file tensor name: array [out, in]}: the inverse of `params_from_tensors`."""
+  require_unrolled(cfg, "exporting to Hugging Face / GGUF")
   out = {}
   for path, name in tensor_names(cfg, fmt).items():
     value = params
@@ -97,6 +99,7 @@ def build_model(cfg: TransformerConfig, params: dict, source: str, **overrides):
   from aigc_jax.models.transformer import Transformer
 
   cfg = dataclasses.replace(cfg, **overrides)
+  require_unrolled(cfg, "loading pretrained GGUF / Hugging Face weights")
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   check_shapes(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params, source)
   nnx.update(model, params)

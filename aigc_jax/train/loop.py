@@ -23,6 +23,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.nn.partitioning import activation_sharding
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train import plan as plan_lib
 from aigc_jax.train import sharding as sharding_lib
 from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.family import family_module_path, load_family
@@ -98,18 +99,19 @@ class Run:
   def jit_train_step(self):
     """The guarded train step under `jax.jit` with the state's shardings, state donated
     (trace it inside `sharded()`)."""
-    t = self.config.train
-    step = guard.guard_step(self.family.train_step, t.spike_sigma, t.spike_window)
-    return jax.jit(step,
-                   in_shardings=(self.state_sharding, mesh_lib.batch_sharding(self.mesh)),
-                   out_shardings=(self.state_sharding, mesh_lib.replicated(self.mesh)),
-                   donate_argnums=0)
+    return jit_train_step(self.family, self.config, self.mesh, self.state_sharding)
 
   def compile_train_step(self, batch):
-    """The guarded train step compiled ahead of time for `batch`'s shapes, state donated."""
+    """The guarded train step compiled ahead of time for `batch`'s shapes, state donated.
+    On an accelerator, a step whose memory (from the compiled program) exceeds what the
+    devices have free stops here with one error, before it runs."""
     with self.sharded():
       compiled = self.jit_train_step().lower(self.state, batch).compile()
     release_free_memory()  # the compiler's working memory
+    if plan_lib.reports_memory(self.mesh):
+      memory = plan_lib.compiled_memory(compiled)
+      # The state and batch are on the devices already (counted as in use).
+      plan_lib.check_fits(memory, resident=memory["argument_bytes"])
     return compiled
 
   def put_batch(self, batch):
@@ -162,7 +164,11 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   family = module.Family(config, workdir)
   if hasattr(family, "check_mesh"):  # e.g. attention heads that must split whole
     family.check_mesh(mesh, rules)
-  init = _ShardedInit(family, mesh, rules, config.seed)
+  if plan_lib.reports_memory(mesh):
+    # An accelerator: the state and a batch must fit before anything is allocated (the
+    # compiled step's temporaries are checked once it is compiled).
+    plan_lib.preflight(config, mesh, rules, family)
+  init = ShardedInit(family, mesh, rules, config.seed)
   train_data = family.train_data
   if jax.process_count() > 1 and hasattr(train_data, "rows"):
     # Each process builds only its own rows of every batch.
@@ -183,7 +189,7 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   return Run(config, workdir, family, mesh, state, checkpointer, init.shardings, rules)
 
 
-class _ShardedInit:
+class ShardedInit:
   """A family's initial state (with the guard's statistics): its shapes, its shardings
   from the parameters' logical names (`family.param_names()`; all replicated for a family
   without one), and the state built under `jax.jit` straight into them, so no device ever
@@ -222,10 +228,21 @@ class _ShardedInit:
     return target
 
 
+def jit_train_step(family, config, mesh, state_sharding):
+  """The family's train step inside the non-finite guard, under `jax.jit` with the
+  state's shardings (batch split over data x fsdp), state donated: what the loop runs
+  (trace it inside `activation_sharding(mesh, rules)`)."""
+  t = config.train
+  step = guard.guard_step(family.train_step, t.spike_sigma, t.spike_window)
+  return jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
+                 donate_argnums=0)
+
+
 def init_sharded_state(family, mesh, rules: dict, seed: int):
   """(state, its shardings): the family's initial state built under `jax.jit` straight
-  into the shardings its parameters' logical names give (see `_ShardedInit`)."""
-  init = _ShardedInit(family, mesh, rules, seed)
+  into the shardings its parameters' logical names give (see `ShardedInit`)."""
+  init = ShardedInit(family, mesh, rules, seed)
   return init.state(), init.shardings
 
 

@@ -7,7 +7,8 @@ verifies them, because Orbax restores a data file with flipped bytes without any
 fingerprint does not depend on the mesh or the sharding, so a checkpoint saved under one
 topology verifies under another. A checkpoint that fails to restore or to verify is
 reported on stderr (its step and the reason) and the next older one is tried; one whose
-checksums do not match is moved aside to `STEP.damaged` (kept for inspection, out of the
+checksums do not match, or that cannot be restored at all, is moved aside by a training
+run to `STEP.damaged` (kept for inspection, out of the
 way of the step that will be saved again). Checkpoints written before fingerprints (no
 `<algorithm>` entry: CRC-32 of each array's host bytes) still verify, one array fetched to
 the host at a time.
@@ -164,8 +165,10 @@ class Checkpointer:
   position and the config per step, saved asynchronously, the newest `keep` kept, verified
   by fingerprints on restore (onto the shardings of the state it is restored into)."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    # read_only (eval, sample): an unusable checkpoint is reported but never moved.
+    self.directory, self.read_only = os.path.abspath(directory), read_only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self._saving_step = None
@@ -191,6 +194,8 @@ class Checkpointer:
         state=ocp.args.StandardSave(_without_frozen(state)),
         data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config),
         checksums=ocp.args.JsonSave(sums))
+    if self._saving_step is None:
+      self._saving_step = step  # named if this very save fails
     with self._write_errors():  # a failed earlier save surfaces here too
       self._manager.save(step, args=args, force=True)
     self._saving_step = step
@@ -212,11 +217,10 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
-        if isinstance(e, ChecksumMismatch) and jax.process_index() == 0:
-          os.replace(os.path.join(self.directory, str(candidate)),
-                     os.path.join(self.directory, f"{candidate}.damaged"))
-          self._manager.reload()
-          reason += f"; moved to {candidate}.damaged"
+        if not self.read_only and jax.process_index() == 0:
+          # Out of the way of the step that will be saved again (a training run holds the
+          # workdir alone, so a checkpoint it cannot restore is damaged, not in use).
+          reason += f"; moved to {self._move_aside(candidate)}"
         print(f"warning: checkpoint at step {candidate} in {self.directory} is unusable "
               f"({reason}); trying an older one", file=sys.stderr)
         continue
@@ -230,8 +234,20 @@ class Checkpointer:
                           "point the config at the original weights, or use a new workdir")
         state = state.replace(frozen=target_state.frozen)
       return state, data_state, candidate
+    kept = ("the folders of the damaged steps were left in place (a read-only command)"
+            if self.read_only else "the damaged step folders are kept as STEP.damaged")
     raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
-                    + ". Delete the damaged step folders to start over, or restore them")
+                    + f". {kept}: restore them, or start over in a new --workdir")
+
+  def _move_aside(self, step: int) -> str:
+    """Renames the folder of `step` to STEP.damaged (STEP.damaged.N if taken); returns
+    the new name."""
+    name, n = f"{step}.damaged", 1
+    while os.path.exists(os.path.join(self.directory, name)):
+      name, n = f"{step}.damaged.{n}", n + 1
+    os.replace(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+    self._manager.reload()
+    return name
 
   def _restore_verified(self, step: int, abstract):
     if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):

@@ -174,7 +174,7 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
     # Each process builds only its own rows of every batch.
     train_data.rows = mesh_lib.host_rows(config.train.batch_size, mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.train.keep_checkpoints)
+                              keep=config.train.keep_checkpoints, read_only=not for_training)
   if checkpointer.latest_step() is not None:
     # Restored straight into the current run's shardings (whatever mesh saved it): the
     # initial state is never built beside the restored one.

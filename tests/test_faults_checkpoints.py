@@ -47,3 +47,26 @@ def test_an_emptied_step_folder_is_moved_aside_and_the_resume_is_bit_identical(t
   for a, b in zip(_final_params(str(straight), cfg), _final_params(str(damaged), cfg),
                   strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_eval_runs_on_fewer_devices_and_a_resume_may_change_runtime_settings(tmp_path):
+  workdir = str(tmp_path)
+  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,
+                   "--config.train.steps=10", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+                   "--config.mesh.num_devices=8", *FLAGS, env_extra=eight, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  # A run pinned to 8 devices (fsdp=8) evaluates on 2.
+  two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = run_cli("eval", "--workdir", workdir, env_extra=two, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "evaluating on the 2 device(s) here instead" in result.stderr
+  # How the same parameters are computed may change on resume; their shapes may not.
+  result = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,
+                   "--config.train.steps=20", "--config.model.attention=einsum",
+                   "--config.model.remat_policy=full", *FLAGS, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run_cli("train", "--config", TINY_CONFIG, "--workdir", workdir,
+                   "--config.train.steps=30", "--config.model.scan_layers=True", *FLAGS,
+                   timeout=300)
+  assert result.returncode == 2 and "model.scan_layers: False -> True" in result.stderr

@@ -30,6 +30,7 @@ from aigc_jax.train.family import family_module_path, load_family
 from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
 from aigc_jax.train.preemption import StopRequests, stop_requests
+from aigc_jax.train.workdir_lock import training_lock
 
 
 def prepare_config(config, family=None):
@@ -64,14 +65,23 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
+# Model settings a resume may change: how the same parameters are computed, not what
+# they are (the layer layout, `scan_layers`, changes the parameters' shapes: not here).
+RUNTIME_MODEL_KEYS = ("attention", "remat", "remat_policy", "logits_chunk", "dtype", "dropout",
+                      "max_seq_len")
+
+
 def _check_resume_config(config, workdir: str, module) -> None:
-  """A resumed run must build the same model on the same data; the schedule may change."""
+  """A resumed run must build the same parameters on the same data; the schedule, the
+  mesh and the model's runtime settings (RUNTIME_MODEL_KEYS) may change."""
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
   old = config_lib.load_config(workdir, family=module)
+  runtime = {f"model.{key}" for key in RUNTIME_MODEL_KEYS}
   fixed = [f for section in ("family", "seed", "model", "data")
            for f in config_lib.differing_fields({section: old.get(section)},
-                                                {section: config.get(section)})]
+                                                {section: config.get(section)})
+           if f.split(":")[0] not in runtime]
   if fixed:
     raise UserError(f"workdir {workdir!r} holds a run with a different configuration "
                     f"({'; '.join(fixed)}): use a new --workdir, or the original settings")
@@ -158,7 +168,8 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   workdir = prepare_workdir(workdir)
   if for_training:
     _check_resume_config(config, workdir, module)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = (mesh_lib.make_mesh(config.mesh) if for_training
+          else mesh_lib.make_mesh_for_reading(config.mesh))
   rules = mesh_lib.rules_from_config(config.mesh)
   mesh_lib.check_batch_divisible(config.train.batch_size, mesh)
   family = module.Family(config, workdir)
@@ -311,6 +322,11 @@ def train_and_evaluate(config, workdir: str, *, family=None,
   progress bar (None: when stderr is a terminal). Changes no process-wide setting; on CPU,
   `aigc_jax.train.memory.keep_step_memory()` (which the CLI applies) makes steps faster.
   """
+  with training_lock(workdir):  # one training run per workdir (train/workdir_lock.py)
+    return _train_and_evaluate(config, workdir, family=family, progress=progress)
+
+
+def _train_and_evaluate(config, workdir: str, *, family, progress: bool | None) -> dict:
   run = open_run(config, workdir, for_training=True, family=family)
   primary = jax.process_index() == 0  # with several processes, one writes the files
   if primary:

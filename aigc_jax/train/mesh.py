@@ -12,6 +12,7 @@ size 1).
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import ml_collections
@@ -89,6 +90,18 @@ def make_mesh(mesh_cfg=None, num_devices: int | None = None) -> Mesh:
   devices = jax.devices()[:math.prod(shape)]
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def make_mesh_for_reading(mesh_cfg) -> Mesh:
+  """The run's mesh, or, when this machine cannot build it (a run trained on more
+  devices), data parallelism over the devices it has: checkpoints restore onto any mesh,
+  so evaluation and sampling need not match the training topology (said on stderr)."""
+  try:
+    return make_mesh(mesh_cfg)
+  except UserError as e:
+    print(f"note: {e}; evaluating on the {jax.device_count()} device(s) here instead",
+          file=sys.stderr)
+    return make_mesh(None)
 
 
 def rules_from_config(mesh_cfg) -> dict[str, tuple[str, ...]]:

@@ -377,14 +377,19 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
     data_state = family.train_data.get_state()  # the position after this step's batch
     if done < total:
       batch = run.put_batch(next(family.train_data))  # overlaps the device
+    at_eval = done % tcfg.eval_every == 0 or done == total
+    stopping = stop.requested(done)
+    saving = done % tcfg.checkpoint_every == 0 or done == total or stopping
+    if at_eval or saving:
+      check(metrics, done)  # never evaluate or checkpoint after an unchecked step
+    if saving:
+      # Before anything that writes other files (metrics, samples, plots) and may fail
+      # on a full disk: the step's checkpoint is kept whatever happens to them.
+      run.checkpointer.save(done, state, data_state, config_dict)
     log.flush()  # the previous step's metrics: this step is already dispatched
     if done % tcfg.log_every == 0 or done == total:
       log.hold(done, metrics)
     bar.update(1)
-    at_eval = done % tcfg.eval_every == 0 or done == total
-    stopping = stop.requested(done)
-    if at_eval or done % tcfg.checkpoint_every == 0 or stopping:
-      check(metrics, done)  # never evaluate or checkpoint after an unchecked step
     if at_eval:
       log.flush()
       t_eval = time.perf_counter()
@@ -396,8 +401,6 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
       bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4g}" for k, v in last_eval.items()),
                 file=sys.stderr)
       log.exclude(time.perf_counter() - t_eval)
-    if done % tcfg.checkpoint_every == 0 or done == total or stopping:
-      run.checkpointer.save(done, state, data_state, config_dict)
     if stopping:
       log.flush()
       bar.close()

@@ -12,6 +12,7 @@ import os
 import ml_collections
 
 from aigc_jax.errors import UserError, did_you_mean
+from aigc_jax.ranges import _finite, _is_number, describe_range, range_problem  # noqa: F401
 
 
 def check_against_defaults(cfg, defaults, prefix: str = "") -> None:
@@ -48,10 +49,20 @@ def require(ok: bool, field: str, problem: str) -> None:
 
 
 def require_positive(cfg, *fields: str) -> None:
-  """Raises UserError unless every dotted `fields` value of `cfg` is > 0."""
+  """Raises UserError unless every dotted `fields` value of `cfg` is a finite number > 0."""
   for field in fields:
     value = _get(cfg, field)
-    require(value > 0, field, f"must be positive, got {value!r}")
+    require(_is_number(value) and _finite(value) and value > 0, field,
+            f"must be positive (and finite), got {value!r}")
+
+
+def require_finite_range(cfg, field: str, lo=None, hi=None, *, lo_open: bool = False,
+                         hi_open: bool = False, integer: bool = False) -> None:
+  """Raises UserError("config 'field' must be a finite number in [lo, hi), got nan") unless
+  the dotted `field` of `cfg` is a finite number (an integer if `integer`) in the range."""
+  problem = range_problem(_get(cfg, field), lo, hi, lo_open=lo_open, hi_open=hi_open,
+                          integer=integer)
+  require(problem is None, field, problem or "")
 
 
 def _get(cfg, dotted: str):

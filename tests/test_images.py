@@ -5,6 +5,7 @@ import pytest
 
 from aigc_jax.data.images import (
   ImageBatches,
+  ImageDataset,
   _square,
   check_images,
   load_digits,
@@ -17,8 +18,13 @@ from aigc_jax.errors import UserError
 
 
 def write_idx(path, array: np.ndarray, compress: bool) -> None:
-  codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
-  array = array.astype(">i4") if array.dtype != np.uint8 else array
+  """A real IDX file: uint8, int8, int16, float32 and float64 arrays keep their type (big
+  endian), any other integers are written as int32."""
+  codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+           np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+  if array.dtype not in (np.uint8, np.int8):
+    big = array.dtype.newbyteorder(">")
+    array = array.astype(big if big in codes else ">i4")
   header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(
       int(d).to_bytes(4, "big") for d in array.shape)
   data = header + array.tobytes()
@@ -127,3 +133,88 @@ def test_square_crops_the_centre_and_resizes():
   assert small.shape == (2, 2, 1) and (small == 200).all()
   colour = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
   assert _square(colour, 3).shape == (3, 3, 3)
+
+
+def _fashion_folder(tmp_path, *, train_images=None, train_labels=None, compress=True):
+  """A Fashion-MNIST folder of real IDX files (6 train, 4 test images), with the train
+  images or labels replaced when given."""
+  rng = np.random.default_rng(2)
+  arrays = {
+      "train-images-idx3": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+      "train-labels-idx1": rng.integers(0, 10, 6).astype(np.uint8),
+      "t10k-images-idx3": rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+      "t10k-labels-idx1": rng.integers(0, 10, 4).astype(np.uint8)}
+  if train_images is not None:
+    arrays["train-images-idx3"] = train_images
+  if train_labels is not None:
+    arrays["train-labels-idx1"] = train_labels
+  suffix = "-ubyte.gz" if compress else "-ubyte"
+  for name, array in arrays.items():
+    write_idx(tmp_path / (name + suffix), array, compress)
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("images, message", [
+    # float images in [0, 1]: scaling them as uint8 would give an all-black dataset
+    (np.random.default_rng(0).random((6, 28, 28)).astype(np.float32),
+     r"float32 images with values in \[0\.000\d+, 0\.99\d+\]; expected uint8 pixels in \[0, 255\]: "
+     r"floats in \[0, 1\] become uint8"),
+    # 12-bit pixels stored as int16: uint8 would wrap them
+    (np.linspace(0, 4095, 6 * 28 * 28).astype(np.int16).reshape(6, 28, 28),
+     r"int16 images with values in \[0, 4095\]; expected uint8 pixels in \[0, 255\]"),
+    (np.zeros((6, 28, 28), np.float64), r"float64 images"),
+])
+def test_idx_images_of_another_dtype_name_the_file(tmp_path, compress, images, message):
+  root = _fashion_folder(tmp_path, train_images=images, compress=compress)
+  with pytest.raises(UserError, match=message) as e:
+    load_fashion_mnist(root)
+  assert "train-images-idx3-ubyte" in str(e.value)
+  assert read_idx(next(tmp_path.glob("train-images-*"))).dtype == images.dtype  # the reader
+  # itself stays generic: the check is where images enter a dataset
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0, 3, 10, 2, 1, 9], np.uint8), r"labels with values in \[0, 10\]; expected "
+     r"class ids \[0, 10\)"),
+    (np.array([0, 3, -1, 2, 1, 9], np.int8), r"labels with values in \[-1, 9\]"),
+    (np.array([0, 3, 255, 2, 1, 9], np.uint8), r"\[0, 255\]"),
+    (np.array([0.0, 3.5, 1, 2, 1, 9], np.float32), r"float32 labels .* expected integer"),
+])
+def test_idx_labels_outside_the_classes_name_the_file(tmp_path, labels, message):
+  root = _fashion_folder(tmp_path, train_labels=labels)
+  with pytest.raises(UserError, match=message) as e:
+    load_fashion_mnist(root)
+  assert "train-labels-idx1-ubyte.gz" in str(e.value)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_label_count_differing_from_image_count_names_both_files(tmp_path, compress):
+  root = _fashion_folder(tmp_path, train_labels=np.arange(5, dtype=np.uint8),
+                         compress=compress)
+  with pytest.raises(UserError, match=r"train-images-idx3-ubyte.*holds 6 images but .*"
+                     r"train-labels-idx1-ubyte.* holds 5 labels"):
+    load_fashion_mnist(root)
+
+
+def test_a_valid_folder_knows_its_ten_classes(tmp_path):
+  # Labels 0..3 only: the class count is still Fashion-MNIST's 10.
+  d = load_fashion_mnist(_fashion_folder(tmp_path, train_labels=np.array([0, 1, 2, 3, 0, 1],
+                                                                         np.uint8)))
+  assert d.num_classes == 10 and d.train_labels.tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_image_dataset_checks_what_it_is_built_from():
+  images = np.zeros((3, 4, 4, 1), np.uint8)
+  labels = np.array([0, 1, 2], np.int32)
+  ImageDataset("ok", images, labels, images, labels, classes=3)
+  with pytest.raises(UserError, match=r"dataset 'x' \(train split\) holds float32 images"):
+    ImageDataset("x", images.astype(np.float32) / 255, labels, images, labels)
+  with pytest.raises(UserError, match=r"\(test split\) holds 3 images but .* holds 2 labels"):
+    ImageDataset("x", images, labels, images, labels[:2])
+  with pytest.raises(UserError, match=r"expected class ids \[0, 2\)"):
+    ImageDataset("x", images, labels, images, labels, classes=2)
+  with pytest.raises(UserError, match=r"expected class ids >= 0"):
+    ImageDataset("x", images, labels - 1, images, labels)
+  with pytest.raises(UserError, match=r"expected \[N, H, W, C\]"):
+    ImageDataset("x", images[..., 0], labels, images, labels)

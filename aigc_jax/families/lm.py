@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from aigc_jax.config import require, require_positive
+from aigc_jax.config import require, require_finite_range, require_positive
 from aigc_jax.data import text as text_data
 from aigc_jax.data.batching import TokenWindows, eval_windows
 from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
@@ -31,7 +31,7 @@ from aigc_jax.models.transformer import (
 from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
-from aigc_jax.train.optim import adamw
+from aigc_jax.train.optim import adamw, validate_optim
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
 
@@ -80,12 +80,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(c) -> None:
   check_sampling("config 'sample'", **{key: c.sample[key] for key in SAMPLING_KEYS})
-  m, d, t, o = c.model, c.data, c.train, c.optim
+  require_finite_range(c, "sample.max_new_tokens", 0, integer=True)
+  require_finite_range(c, "sample.num", 0, integer=True)
+  validate_optim(c)
+  m, d, t = c.model, c.data, c.train
   require_positive(c, "model.num_layers", "model.num_heads", "model.num_kv_heads",
                    "model.embed_dim", "model.mlp_dim", "data.seq_len", "train.steps",
                    "train.batch_size", "train.grad_accum_steps", "train.log_every",
                    "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-                   "train.keep_checkpoints", "optim.lr")
+                   "train.keep_checkpoints")
   require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: from the tokenizer)")
   require(m.logits_chunk >= 0, "model.logits_chunk", "must be >= 0 (0: all positions at once)")
   require(m.head_dim >= 0, "model.head_dim", "must be >= 0 (0: embed_dim // num_heads)")
@@ -124,9 +127,6 @@ def validate(c) -> None:
   require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
-  require(o.warmup_steps >= 0 and o.weight_decay >= 0 and o.grad_clip >= 0
-          and 0 <= o.min_lr_ratio <= 1, "optim", "needs warmup_steps, weight_decay, grad_clip "
-          ">= 0 and min_lr_ratio in [0, 1]")
 
 
 class Family:

@@ -28,7 +28,7 @@ from aigc_jax.models.vae import VAE, VaeConfig
 from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
-from aigc_jax.train.optim import adamw
+from aigc_jax.train.optim import adamw, validate_optim
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
 
@@ -65,9 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(c) -> None:
   VaeConfig(**dict(c.model))  # names the bad model field
   image_data.validate_image_data_config(c)
+  validate_optim(c)
   require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                   "optim.lr", "iwae.chunk", "sample.num")
+                   "iwae.chunk", "sample.num")
   require(c.data.binarize in ("dynamic", "threshold"), "data.binarize",
           f"must be 'dynamic' or 'threshold', got {c.data.binarize!r}")
   require(c.loss.beta >= 0, "loss.beta", f"must be >= 0, got {c.loss.beta}")

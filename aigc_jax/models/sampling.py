@@ -15,17 +15,39 @@ from flax import nnx
 
 from aigc_jax.errors import UserError
 from aigc_jax.nn.concrete import concrete_values
+from aigc_jax.ranges import range_problem
 
 # The sampling settings `generate` takes (and the `sample.*` config keys of the LM families).
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")
+_F32 = np.finfo(np.float32)
+
+
+# The range of each sampling setting (lo, hi, keyword arguments of `config.range_problem`);
+# max_new_tokens is checked when given (0 in a config: no samples).
+SAMPLING_RANGES = {
+    "temperature": (0, None, {}),  # 0: greedy
+    "top_k": (0, 2**31 - 1, dict(integer=True)),  # 0: all ids (an int32 in the step)
+    "top_p": (0, 1, dict(lo_open=True)),
+    "repetition_penalty": (0, None, dict(lo_open=True)),  # 1.0: no penalty
+    "max_new_tokens": (0, 2**31 - 1, dict(integer=True)),
+}
 
 
 def check_sampling(where: str = "", **settings) -> None:
-  """One `UserError` for sampling settings out of range (`where`: e.g. "config 'sample'")."""
-  t, k, p, r = (settings[key] for key in SAMPLING_KEYS)
-  if t < 0 or not 0 < p <= 1 or k < 0 or r <= 0:
+  """One `UserError` for sampling settings out of range, NaN and infinities included
+  (`where`: e.g. "config 'sample'"), naming each bad setting, its value and its range.
+  `settings`: every key of SAMPLING_KEYS, and optionally max_new_tokens."""
+  bad = []
+  for key in (*SAMPLING_KEYS, "max_new_tokens"):
+    if key in settings or key != "max_new_tokens":
+      lo, hi, kw = SAMPLING_RANGES[key]
+      problem = range_problem(settings[key], lo, hi, **kw)
+      if problem:
+        bad.append(f"{key} {problem}")
+  if bad:
     raise UserError(f"{where + ': ' if where else ''}need temperature >= 0, top_k >= 0, "
-                    f"0 < top_p <= 1, repetition_penalty > 0; got {t}, {k}, {p}, {r}")
+                    f"0 < top_p <= 1, repetition_penalty > 0 (finite numbers, top_k an "
+                    f"integer); {'; '.join(bad)}")
 
 
 def penalize_repeats(logits_BV: jax.Array, seen_BV: jax.Array, penalty: float) -> jax.Array:
@@ -33,6 +55,8 @@ def penalize_repeats(logits_BV: jax.Array, seen_BV: jax.Array, penalty: float) -
   logit of every id already in the prompt or the output is divided by `penalty` when
   positive and multiplied by it when negative (penalty > 1 discourages repeats)."""
   logits_BV = logits_BV.astype(jnp.float32)
+  # Any finite penalty > 0, kept inside float32's normal range (never 0 or inf: 0 * inf).
+  penalty = min(max(float(penalty), _F32.tiny), _F32.max)
   penalized_BV = jnp.where(logits_BV > 0, logits_BV / penalty, logits_BV * penalty)
   return jnp.where(seen_BV, penalized_BV, logits_BV)
 
@@ -44,11 +68,18 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_
   whose probability reaches top_p (1.0: all)."""
   if temperature == 0:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / temperature
+  # Shifted so that the largest logit is 0 (clipped to finite first: a tiny penalty can
+  # overflow), then tempered by any finite temperature > 0 kept inside float32's normal
+  # range: the largest stays 0 and the others <= 0 (at worst -inf), never NaN.
+  logits_BV = jnp.clip(logits_BV.astype(jnp.float32), -_F32.max, _F32.max)
+  logits_BV = logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)
+  logits_BV = logits_BV / min(max(float(temperature), _F32.tiny), _F32.max)
+  top_k = top_k if top_k < logits_BV.shape[-1] else 0  # k >= the vocabulary: all ids
   if top_k:
     kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
     logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
   if top_p < 1.0:
+    top_p = float(top_p)
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
     probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
     # Keep an id if the mass strictly before it is below top_p (so the top id always stays).
@@ -94,10 +125,10 @@ def generate_arrays(model: nnx.Module, tokens_BP: jax.Array, lengths_B: jax.Arra
                                                          jnp.integer):
     raise UserError(f"lengths must be integers of shape [batch] = ({B},), got "
                     f"{jnp.result_type(lengths_B)} {jnp.shape(lengths_B)}")
+  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
   if max_new_tokens < 1:
     raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty)
   limit = max_len or cfg.max_seq_len
   if P + max_new_tokens > limit:
     raise UserError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -199,6 +230,9 @@ def generate(model: nnx.Module, prompts: list[np.ndarray], *, max_new_tokens: in
     if bad.size:
       raise UserError(f"prompt token id {int(bad[0])} is outside the vocabulary "
                       f"[0, {cfg.vocab_size})")
+  # Checked before the conversions below (int(nan) would raise a bare ValueError).
+  check_sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens)
   tokens_BP, lengths_B = left_pad(prompts)
   out_BN, out_lengths_B = jax.device_get(_generate_jit(
       model, tokens_BP, lengths_B, key, max_new_tokens=max_new_tokens,

@@ -103,6 +103,9 @@ def _run(command: str) -> None:
     return
   from aigc_jax import config as config_lib
   from aigc_jax.train import open_run
+  if command == "export":  # refuse a bad --out before restoring the run
+    from aigc_jax.pretrained.hf import check_export_target
+    check_export_target(FLAGS.out, FLAGS.workdir)
   config = config_lib.load_config(FLAGS.workdir)
   run = open_run(config, FLAGS.workdir, for_training=False)
   if command == "eval":

@@ -164,11 +164,17 @@ class FinetuneFamily:
 
   def export(self, state: TrainState, directory: str, dtype: str = "float32") -> str:
     """Writes the fine-tuned language model, adapters merged, as a Hugging Face Llama
-    folder (with the pretrained file's context length); returns the weights' path."""
-    from aigc_jax.pretrained.hf import export_hf
+    folder (with the pretrained file's context length), all or nothing, never into the
+    run's folder nor over a folder that is not a previous export; returns the weights'
+    path."""
+    from aigc_jax.pretrained.hf import check_export_target, export_hf
 
+    check_export_target(directory, self.workdir)  # before merging: refuse early
+    source = {"workdir": os.path.abspath(self.workdir) if self.workdir else None,
+              "step": int(jax.device_get(state.step)), "task": self.task,
+              "pretrained": self.config.pretrained.path}
     return export_hf(directory, self.model_cfg, self.merged_lm_params(state), self.tokenizer,
-                     dtype=dtype)
+                     dtype=dtype, workdir=self.workdir, source=source)
 
   # --- data -------------------------------------------------------------------------
   def load_examples(self) -> tuple[dict, dict]:

@@ -75,15 +75,18 @@ def test_export_into_a_run_folder_is_refused(workdir):
   assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "is the run folder" in lines[0], result.stderr
-  assert "choose a new or empty folder outside any run" in lines[0]
+  assert "choose a new or empty folder for the export" in lines[0]
   assert (workdir / "config.json").read_bytes() == config_before
   assert sorted(p.name for p in workdir.iterdir()) == files_before
   assert _siblings(workdir) == []
-  # Inside the run, or into another run's folder, is refused just the same.
-  with pytest.raises(UserError, match="lies inside the run folder"):
-    check_export_target(str(workdir / "export"), str(workdir))
-  with pytest.raises(UserError, match=r"is a run folder \(config.json \+ checkpoints/\)"):
+  # Into the run's own entries, or into another run's folder, is refused just the same;
+  # a new sub-folder of a run is fine.
+  with pytest.raises(UserError, match="lies inside the run folder .*'checkpoints'"):
+    check_export_target(str(workdir / "checkpoints" / "export"), str(workdir))
+  with pytest.raises(UserError, match=r"is the run folder .* \(config.json \+ checkpoints/\)"):
     check_export_target(str(workdir))
+  assert check_export_target(str(workdir / "export"), str(workdir)) == str(
+      (workdir / "export").resolve())
   with pytest.raises(UserError, match="holds the run folder"):
     check_export_target(str(workdir.parent / "new"), str(workdir.parent / "new" / "run"))
   assert not (workdir / "export").exists()

@@ -271,31 +271,41 @@ def _stranded(out: str) -> str | None:
   return None
 
 
+# What a run folder holds (train/loop.py, train/metrics.py, the families): an export may
+# go into a new sub-folder of a run, never into one of these.
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "samples", "plots",
+               "tokenizer.json", "fid_classifier", "eval.json", "summary.json")
+
+
 def check_export_target(directory: str, workdir: str | None = None) -> str:
-  """The absolute export folder, after refusing (UserError) one that is or lies inside a
-  run folder (config.json + checkpoints/) or `workdir`, holds `workdir`, or already holds
-  anything but a previous export of ours. Leftovers of interrupted exports beside it are
-  removed (a stranded previous export is put back first)."""
+  """The absolute export folder, after refusing (UserError) one that is a run folder
+  (config.json + checkpoints/, or `workdir`), lies inside one of its own entries
+  (RUN_ENTRIES), holds a run, or already holds anything but a previous export of ours.
+  Leftovers of interrupted exports beside it are removed (a stranded previous export is
+  put back first)."""
   out = os.path.realpath(os.path.expanduser(directory))
-  fix = "choose a new or empty folder outside any run for the export (--out)"
-  if workdir:
-    run = os.path.realpath(os.path.expanduser(workdir))
-    if out == run or out.startswith(run + os.sep):
-      where = "is the run folder" if out == run else f"lies inside the run folder {run!r}"
-      raise UserError(f"export folder {directory!r} {where}: exporting there would overwrite "
-                      f"or mix with the run's config.json and checkpoints; {fix}")
-    if run.startswith(out + os.sep):
-      raise UserError(f"export folder {directory!r} holds the run folder {run!r}; {fix}")
+  fix = ("choose a new or empty folder for the export (--out), outside any run's own files "
+         "(a new sub-folder of a run, such as WORKDIR/hf, is fine)")
+  runs = [os.path.realpath(os.path.expanduser(workdir))] if workdir else []
   path = out
-  while True:
+  while True:  # the run folders `out` is, or lies inside
     if _is_run(path):
-      where = "is a run folder" if path == out else f"lies inside the run folder {path!r}"
-      raise UserError(f"export folder {directory!r} {where} (config.json + checkpoints/): "
-                      f"exporting there would overwrite the run's config.json; {fix}")
+      runs.append(path)
     parent = os.path.dirname(path)
     if parent == path:
       break
     path = parent
+  for run in runs:
+    if out == run:
+      raise UserError(f"export folder {directory!r} is the run folder {run!r} (config.json + "
+                      f"checkpoints/): exporting there would overwrite the run's files; {fix}")
+    if out.startswith(run + os.sep):
+      entry = os.path.relpath(out, run).split(os.sep)[0]
+      if entry in RUN_ENTRIES or entry.startswith("."):
+        raise UserError(f"export folder {directory!r} lies inside the run folder {run!r}'s "
+                        f"own {entry!r}: exporting there would mix with the run's files; {fix}")
+    if run.startswith(out + os.sep):
+      raise UserError(f"export folder {directory!r} holds the run folder {run!r}; {fix}")
   stranded = _stranded(out)
   if stranded:
     os.rename(stranded, out)

@@ -27,7 +27,8 @@ _F32 = np.finfo(np.float32)
 SAMPLING_RANGES = {
     "temperature": (0, None, {}),  # 0: greedy
     "top_k": (0, 2**31 - 1, dict(integer=True)),  # 0: all ids (an int32 in the step)
-    "top_p": (0, 1, dict(lo_open=True)),
+    # (0, 1], from float32's smallest normal number up: XLA flushes subnormals to zero.
+    "top_p": (1.2e-38, 1, {}),
     "repetition_penalty": (0, None, dict(lo_open=True)),  # 1.0: no penalty
     "max_new_tokens": (0, 2**31 - 1, dict(integer=True)),
 }

@@ -5,7 +5,7 @@
                   fine-tuning configs)
   aigc-jax sample --workdir runs/lm [--prompt TEXT] [--num N] [--max-new-tokens N]
                   [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
-                  [--seed S]
+                  [--seed S] [--out PATH]  (GAN/VAE: --num, --seed, --out only)
   aigc-jax eval --workdir runs/lm
   aigc-jax export --workdir runs/sft --format safetensors --out DIR [--dtype bfloat16]
                   (a fine-tuned model, adapters merged, as a Hugging Face Llama folder)
@@ -23,10 +23,15 @@ import sys
 from absl import app, flags, logging
 
 from aigc_jax.errors import UserError
+from aigc_jax.train import interrupts
 from aigc_jax.train.memory import keep_step_memory, reexec_with_malloc_tunables
 from aigc_jax.xla_flags import apply_fast_cpu_flags
 
 COMMANDS = ("train", "finetune", "sample", "eval", "export")
+# `sample` flags -> the option names the families read.
+SAMPLE_OPTIONS = {"prompt": "prompt", "num": "num", "max-new-tokens": "max_new_tokens",
+                  "temperature": "temperature", "top-k": "top_k", "top-p": "top_p",
+                  "repetition-penalty": "repetition_penalty", "seed": "seed", "out": "out"}
 EXPORT_FORMATS = ("safetensors",)
 USAGE = __doc__
 
@@ -42,6 +47,8 @@ def _define_flags(command: str) -> None:
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file exposing get_config().",
                                     lock_config=True)
+    # Our loader: a file that cannot give a config fails as one line naming it.
+    flags.FLAGS["config"].parser = _ConfigFileParser()
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                       "(multi-process runs: TPU pods and SLURM are detected; elsewhere give "
                       "--coordinator_address, --num_processes and --process_id).")
@@ -49,9 +56,11 @@ def _define_flags(command: str) -> None:
                         "process 0 (default: $JAX_COORDINATOR_ADDRESS or detected).")
     flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the run.")
     flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
+    flags.DEFINE_integer("distributed_timeout", 300, "With --distributed: seconds to wait "
+                         "for every process to join before giving up.", lower_bound=1)
   elif command == "sample":
     flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat for several prompts).")
-    flags.DEFINE_integer("num", None, "LM: samples per prompt; GAN: images in the grid "
+    flags.DEFINE_integer("num", None, "LM: samples per prompt; GAN/VAE: images drawn "
                          "(default: the config's sample.num).")
     flags.DEFINE_integer("max-new-tokens", None, "Tokens to generate per sample.")
     flags.DEFINE_float("temperature", None, "Sampling temperature (0: greedy).")
@@ -59,7 +68,10 @@ def _define_flags(command: str) -> None:
     flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1.0: all).")
     flags.DEFINE_float("repetition-penalty", None, "Penalty on ids already in the prompt or "
                        "output (1.0: none; 1.1-1.3 curbs greedy loops).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (0 <= S < 2**32).")
+    flags.DEFINE_string("out", None, "GAN: the PNG to write (VAE: PATH's stem + "
+                        "_samples.png, _reconstructions.png, _interpolation.png; default: "
+                        "WORKDIR/samples/); LM: a text file for the samples instead of stdout.")
   elif command == "export":
     flags.DEFINE_enum("format", "safetensors", EXPORT_FORMATS, "Export format.")
     flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -67,29 +79,119 @@ def _define_flags(command: str) -> None:
                       "Dtype of the exported weights.")
 
 
+class _BadConfigFile(Exception):
+  """A --config file that gives no config; not a ValueError, so absl passes it on as is
+  (it would bury the message in its own)."""
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Parses --config with load_config_file and locks the config (like ml_collections',
+  whose errors from a failing file are a traceback or a multi-line message, or surface
+  later as unrelated errors)."""
+
+  def parse(self, argument):
+    from aigc_jax.config import load_config_file
+    try:
+      config = load_config_file(argument)
+    except UserError as e:
+      raise _BadConfigFile(str(e)) from e
+    config.lock()
+    return config
+
+  def flag_type(self) -> str:
+    return "config object"
+
+
+def _cache_dir(command: str, workdir: str) -> str | None:
+  """WORKDIR/jax_cache where it can be written; None where not (eval and sample may read
+  a run they cannot write: JAX would warn on every compilation)."""
+  cache = os.path.join(os.path.abspath(workdir), "jax_cache")
+  if command in ("train", "finetune"):
+    return cache  # training writes the workdir anyway; its own errors say so
+  writable = lambda path: os.access(path, os.W_OK | os.X_OK)
+  if os.path.lexists(cache):
+    return cache if os.path.isdir(cache) and writable(cache) else None
+  return cache if os.path.isdir(workdir) and writable(workdir) else None
+
+
+def _join_cluster(FLAGS) -> None:
+  """jax.distributed.initialize, as one error line when it cannot start or not every
+  process joins within --distributed_timeout seconds."""
+  import inspect
+  import threading
+
+  import jax
+  timeout = FLAGS.distributed_timeout
+  address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+
+  def give_up():
+    # JAX's own deadline kills the process from C++ (a fatal log and a stack dump), so
+    # ours comes first; initialize() holds the main thread, so exit from here.
+    print(f"error: --distributed: not every process joined within {timeout} s "
+          f"(coordinator {address}): start all --num_processes processes with the same "
+          "--coordinator_address (process 0 listens there), or raise --distributed_timeout",
+          file=sys.stderr, flush=True)
+    os._exit(EXIT_USER_ERROR)
+
+  # JAX's deadline, later than ours, only as a backstop (a keyword of JAX 0.4 to 0.10 at
+  # least; left out should a later version drop it).
+  backstop = ({"initialization_timeout": timeout + 60} if "initialization_timeout"
+              in inspect.signature(jax.distributed.initialize).parameters else {})
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    # Unset settings are detected from the environment (SLURM, TPU pods, ...).
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id, **backstop)
+  except (ValueError, TypeError) as e:  # settings neither given nor detected, or invalid
+    unset = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
+             if FLAGS[name].value is None]
+    fix = (f"outside SLURM and TPU pods pass {', '.join(unset)} (or set "
+           "JAX_COORDINATOR_ADDRESS)" if unset else "fix --num_processes / --process_id")
+    raise UserError(f"--distributed cannot start ({str(e).rstrip('.')}): {fix}") from e
+  finally:
+    watchdog.cancel()
+
+
+def _check_utf8(flag: str, values) -> None:
+  """Text from argv that is not UTF-8 arrives as surrogate escapes, which fail later (in
+  the tokenizer, on printing): refuse it here, naming the first bad byte."""
+  for value in values or ():
+    raw = os.fsencode(value)
+    try:
+      raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UserError(f"{flag} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                      f"{e.start}): pass UTF-8 text") from None
+
+
+def _write_text(path: str, text: str) -> str:
+  """`text` to `path` whole or not at all (a temporary file, then a rename)."""
+  from aigc_jax.files import write_text
+  try:
+    return write_text(path, text)
+  except OSError as e:
+    raise UserError(f"cannot write --out {path} ({e.strerror or e}): pass a writable "
+                    "file path") from e
+
+
 def _run(command: str) -> None:
   FLAGS = flags.FLAGS
-  if FLAGS.compilation_cache:
+  cache = FLAGS.compilation_cache and _cache_dir(command, FLAGS.workdir)
+  if cache:
     import jax
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
   if command in ("train", "finetune"):
-    cluster = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id")
-               if FLAGS[name].value is not None]
+    cluster = [f"--{name}" for name in ("coordinator_address", "num_processes", "process_id",
+                                        "distributed_timeout")
+               if not FLAGS[name].using_default_value]
     if cluster and not FLAGS.distributed:
       raise UserError(f"{', '.join(cluster)} set without --distributed: add --distributed")
     if FLAGS.distributed:
-      import jax
-      # Unset settings are detected from the environment (SLURM, TPU pods, ...).
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id)
+      _join_cluster(FLAGS)
     from aigc_jax.train.loop import train_and_evaluate
-    try:
-      config = FLAGS.config
-      if config is not None:
-        config.keys()  # a config file that failed to load raises only when used
-    except OSError as e:  # config_flags loads the file lazily
-      raise UserError(f"cannot load --config: {str(e).splitlines()[-1].strip()}") from e
+    config = FLAGS.config  # loaded (or refused: _ConfigFileParser) while parsing flags
     if config is None:
       raise UserError("--config is required: e.g. --config configs/lm_tiny.py")
     if command == "finetune" and config.get("family") != "finetune":
@@ -101,6 +203,12 @@ def _run(command: str) -> None:
     summary = train_and_evaluate(config, FLAGS.workdir)
     print(json.dumps(summary, indent=2))
     return
+  if command == "sample":  # refuse bad options before restoring the run
+    _check_utf8("--prompt", FLAGS.prompt)
+    if FLAGS.num is not None and FLAGS.num < 1:
+      raise UserError(f"--num must be at least 1, got {FLAGS.num}")
+    if not 0 <= FLAGS.seed < 2**32:
+      raise UserError(f"--seed must be in [0, 2**32), got {FLAGS.seed}")
   from aigc_jax import config as config_lib
   from aigc_jax.train import open_run
   if command == "export":  # refuse a bad --out before restoring the run
@@ -119,15 +227,33 @@ def _run(command: str) -> None:
     print(run.family.export(run.state, FLAGS.out, dtype=FLAGS.dtype))
     return
   # Options the user gave (None: the run config's sample.* default); each family reads
-  # the ones it understands.
-  options = {name.replace("-", "_"): FLAGS[name].value
-             for name in ("prompt", "num", "max-new-tokens", "temperature", "top-k", "top-p",
-                          "repetition-penalty", "seed")}
+  # the ones it understands. A family that lists CLI_SAMPLE_OPTIONS refuses the others, so
+  # none is silently ignored.
+  options = {key: FLAGS[name].value for name, key in SAMPLE_OPTIONS.items()}
+  accepted = getattr(run.family, "CLI_SAMPLE_OPTIONS", None)
+  if accepted is not None:
+    unused = [f"--{name}" for name, key in SAMPLE_OPTIONS.items()
+              if key not in accepted and not FLAGS[name].using_default_value]
+    if unused:
+      raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not "
+                      f"apply to a {run.family.name} run (it takes "
+                      f"{', '.join('--' + k for k in accepted)}): drop "
+                      f"{'it' if len(unused) == 1 else 'them'}")
+  out = options["out"] if accepted is None else None
+  if out is not None:  # a text family: its samples go to --out instead of stdout
+    del options["out"]
+    text = run.family.cli_sample(run.state, run.workdir, options)
+    print(f"wrote samples to {_write_text(out, text)}")
+    return
   print(run.family.cli_sample(run.state, run.workdir, options))
 
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run resumes
+
+
+# Orbax warnings about what we asked for.
+_ORBAX_NOISE = ("Given directory is read only",)
 
 
 class _OneLineLogs(std_logging.Filter):
@@ -141,6 +267,8 @@ class _OneLineLogs(std_logging.Filter):
     if record.levelno >= std_logging.ERROR and (orbax in record.pathname
                                                 or orbax in record.getMessage()):
       return False
+    if orbax in record.pathname and record.getMessage().startswith(_ORBAX_NOISE):
+      return False  # eval/sample open checkpoints read-only on purpose
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True
 
@@ -179,10 +307,19 @@ def _quiet_background_failures() -> None:
 
 def main(argv: list[str] | None = None) -> None:
   """The `aigc-jax` entry point (see the module docstring for the commands)."""
-  if argv is None and sys.argv[1:2] in (["train"], ["finetune"]):
+  given = (sys.argv if argv is None else argv)[1:2]
+  training = given in (["train"], ["finetune"])
+  if training or given in (["eval"], ["sample"]):
+    # First: a Ctrl-C from here on never raises inside library code (train/interrupts.py).
+    # `export` keeps Python's KeyboardInterrupt: its writer removes its temporary folder.
+    interrupts.take_over(exit_now=not training)
+  if argv is None and training:
     # A training process restarts once with the malloc settings that keep the step's
     # memory mapped (train/memory.py; ~2 s of start-up for 10-25 % faster CPU steps).
+    # Signals wait across the restart, for the new process's handler.
+    interrupts.hold()
     reexec_with_malloc_tunables()
+    interrupts.release()  # no restart was needed
   apply_fast_cpu_flags()  # before JAX starts a backend
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -194,7 +331,18 @@ def main(argv: list[str] | None = None) -> None:
   def parse(argv):
     try:
       return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    except _BadConfigFile as e:  # its message names the file, the problem and the fix
+      if "--verbose" in argv:
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyError as e:  # ml_collections: an override naming a key the config lacks
+      detail = " ".join(str(e.args[0] if e.args else e).split())
+      overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+      print(f"error: unknown config key {detail} in {', '.join(overrides)}: check the key "
+            "against the config file\n(see aigc-jax --help)", file=sys.stderr)
+      sys.exit(2)
+    except (flags.Error, AttributeError, ValueError) as e:
       # Bad flags or --config.KEY overrides (ml_collections adds a "did you mean").
       message = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
       if message[:1] == message[-1:] and message[:1] in "'\"":
@@ -218,7 +366,11 @@ def main(argv: list[str] | None = None) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_USER_ERROR)
 
-  app.run(entry, argv=argv, flags_parser=parse)
+  try:
+    app.run(entry, argv=argv, flags_parser=parse)
+  except KeyboardInterrupt:  # export (see above)
+    print("interrupted: the export was not written", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -73,29 +74,69 @@ def _get(cfg, dotted: str):
 
 def save_config(cfg, workdir: str) -> str:
   """Writes `cfg` as workdir/config.json atomically; returns the path."""
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(cfg.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, path)
-  return path
+  from aigc_jax.files import write_text
+  return write_text(os.path.join(workdir, "config.json"), cfg.to_json(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str, family=None) -> ml_collections.ConfigDict:
   """The config a run saved in its workdir; settings added to its family since the run
   was saved take their defaults (which keep the old behaviour). `family`: the family
-  module (None: found from the saved config's `family`)."""
+  module (None: found from the saved config's `family`).
+
+  A `config.json` that is missing or unreadable (truncated, hand-edited into invalid
+  JSON) is replaced by the copy saved with the newest intact checkpoint, with a warning."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
-                    "(aigc-jax train --config ... --workdir DIR writes it)")
-  with open(path) as f:
-    saved = json.load(f)
+  saved, problem = _read_json(path)
+  if problem is not None:
+    copy = _checkpoint_config(workdir)
+    if copy is None:
+      if problem == "is missing":
+        raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
+                        "(aigc-jax train --config ... --workdir DIR writes it)")
+      raise UserError(f"{path} {problem}, and no checkpoint holds a copy of the run's config: "
+                      "restore config.json from a backup, or start over in a new --workdir")
+    saved, step = copy
+    print(f"warning: {path} {problem}; using the copy of the config saved with the "
+          f"checkpoint of step {step} (a training run writes config.json again)",
+          file=sys.stderr)
+  return complete_config(saved, family)
+
+
+def complete_config(saved: dict, family=None) -> ml_collections.ConfigDict:
+  """A saved config (a dict) with the settings its family added since, at their
+  defaults. `family`: the family module (None: the one `saved['family']` names)."""
   if isinstance(saved, dict) and isinstance(saved.get("family"), str):
     from aigc_jax.train.family import load_family
     module = load_family(saved["family"] if family is None else family)
     saved = _with_missing_keys(saved, module.default_config().to_dict())
   return ml_collections.ConfigDict(saved)
+
+
+def _read_json(path: str) -> tuple[dict | None, str | None]:
+  """(the JSON object in `path`, None), or (None, what is wrong with it)."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except FileNotFoundError:
+    return None, "is missing"
+  except OSError as e:
+    return None, f"cannot be read ({e.strerror})"
+  try:
+    value = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, ValueError) as e:
+    return None, f"is not valid JSON ({str(e).splitlines()[0]})"
+  if not isinstance(value, dict) or not isinstance(value.get("family"), str):
+    return None, "is not a run config (no 'family' key)"
+  return value, None
+
+
+def _checkpoint_config(workdir: str) -> tuple[dict, int] | None:
+  """(config, step) saved with the newest intact checkpoint of the run, or None."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  from aigc_jax.train.checkpoint import Checkpointer
+  return Checkpointer(directory, read_only=True).saved_config()
 
 
 def _with_missing_keys(saved: dict, defaults: dict) -> dict:
@@ -123,17 +164,9 @@ def differing_fields(old, new, prefix: str = "") -> list[str]:
 
 
 def config_from_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """Calls get_config() of a Python config file; `overrides` maps dotted keys to values."""
-  import importlib.util
-
-  if not os.path.exists(path):
-    raise UserError(f"config file {path!r} does not exist")
-  spec = importlib.util.spec_from_file_location("aigc_jax_user_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"config file {path!r} defines no get_config()")
-  cfg = module.get_config()
+  """Calls get_config() of a Python config file (`load_config_file`); `overrides` maps
+  dotted keys to values."""
+  cfg = load_config_file(path, flag="config file")
   for dotted, value in (overrides or {}).items():
     *parents, leaf = dotted.split(".")
     section = cfg
@@ -143,3 +176,69 @@ def config_from_file(path: str, overrides: dict | None = None) -> ml_collections
       raise UserError(f"unknown config key '{dotted}'{did_you_mean(leaf, section.keys())}")
     section[leaf] = value
   return cfg
+
+
+def _user_line(e: BaseException, path: str) -> int | None:
+  """The line of the config file `path` where `e` was raised (or, for an error in a
+  module it imports, the line that led there); None if not in that file."""
+  path = os.path.realpath(path)
+  if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == path:
+    return e.lineno
+  line, tb = None, e.__traceback__
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == path:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return line
+
+
+def _describe(e: BaseException, path: str) -> str:
+  """'NameError at line 2: name 'x' is not defined', on one line."""
+  line = _user_line(e, path)
+  message = " ".join((e.msg if isinstance(e, SyntaxError) else str(e)).split())
+  return (type(e).__name__ + (f" at line {line}" if line else "")
+          + (f": {message}" if message else ""))
+
+
+def load_config_file(argument: str, flag: str = "--config") -> ml_collections.ConfigDict:
+  """`FILE[:ARG]` (ml_collections' syntax): get_config([ARG]) of the Python file FILE as
+  an ml_collections.ConfigDict (a plain dict is converted); else UserError naming FILE
+  (given by `flag`), the problem and the fix: the file is missing, raises on import,
+  defines no get_config, or get_config raises or returns something else."""
+  import importlib.machinery
+  import importlib.util
+
+  path, arg = argument, []
+  if ":" in argument and not os.path.exists(argument):
+    path, *arg = argument.split(":", 1)
+  where = f"cannot load {flag} {path}"
+  try:
+    with open(path, "rb"):  # a missing file, not an OSError raised by the file's own code
+      pass
+  except OSError as e:
+    raise UserError(f"{where} ({e.strerror or e}): pass a readable config file, e.g. "
+                    "--config configs/lm_tiny.py") from e
+  # The module name ml_collections gives config files, so pickles and logs look the same.
+  loader = importlib.machinery.SourceFileLoader("config_config", path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  sys.modules[loader.name] = module
+  try:
+    loader.exec_module(module)
+  except Exception as e:  # anything the user's file raises is the file's problem
+    raise UserError(f"{where}: {_describe(e, path)}: fix the file") from e
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise UserError(f"{where}: it defines no get_config(): add `def get_config():` "
+                    "returning an ml_collections.ConfigDict")
+  try:
+    config = get_config(*arg)
+  except Exception as e:
+    raise UserError(f"{where}: get_config() raised {_describe(e, path)}: fix "
+                    "get_config()") from e
+  if isinstance(config, dict):
+    config = ml_collections.ConfigDict(config)
+  if not isinstance(config, ml_collections.ConfigDict):
+    got = "None (no return statement?)" if config is None else type(config).__name__
+    raise UserError(f"{where}: get_config() returned {got}, not a config: return an "
+                    "ml_collections.ConfigDict")
+  return config

@@ -6,6 +6,9 @@ batch, and a restarted run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+
 import numpy as np
 
 from aigc_jax.errors import UserError
@@ -33,9 +36,31 @@ class SeededBatches:
     self.next_index += 1
     return out
 
+  def source_arrays(self) -> dict[str, np.ndarray]:
+    """The arrays every batch is drawn from (what the fingerprint covers); {}: none."""
+    return {}
+
+  @functools.cached_property
+  def fingerprint(self) -> dict | None:
+    """{"size": N, "blake2b": hex}: the length and a hash of `source_arrays()` (their
+    names, dtypes, shapes and bytes), computed once; None without source arrays."""
+    arrays = self.source_arrays()
+    if not arrays:
+      return None
+    digest = hashlib.blake2b(digest_size=16)
+    for name, array in sorted(arrays.items()):
+      array = np.ascontiguousarray(array)
+      digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+      digest.update(memoryview(array).cast("B"))
+    return {"size": len(next(iter(arrays.values()))), "blake2b": digest.hexdigest()}
+
   def get_state(self) -> dict:
-    """{"next_index", "seed"}: the position to resume from."""
-    return {"next_index": int(self.next_index), "seed": int(self.seed)}
+    """{"next_index", "seed", "data"}: the position to resume from, and the data's
+    fingerprint (checked when a training run resumes)."""
+    state = {"next_index": int(self.next_index), "seed": int(self.seed)}
+    if self.fingerprint is not None:
+      state["data"] = self.fingerprint
+    return state
 
   def set_state(self, state: dict) -> None:
     """Resumes at a position from `get_state` (UserError if the seed differs)."""
@@ -61,6 +86,9 @@ class TokenWindows(SeededBatches):
     self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
     self.next_index = 0
     self._offsets = np.arange(seq_len + 1)
+
+  def source_arrays(self) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokens}
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """{"inputs", "targets"}: [B, T] int32 windows at seeded random offsets."""
@@ -101,6 +129,9 @@ class ExampleBatches(SeededBatches):
     self.arrays, self.batch_size, self.seed, self.next_index = arrays, batch_size, seed, 0
     self.size = len(next(iter(arrays.values())))
     self._perms: dict[int, np.ndarray] = {}
+
+  def source_arrays(self) -> dict[str, np.ndarray]:
+    return self.arrays
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._perms:

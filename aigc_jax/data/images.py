@@ -16,6 +16,7 @@ import numpy as np
 
 from aigc_jax.data.batching import SeededBatches
 from aigc_jax.errors import UserError
+from aigc_jax.files import replaced_atomically
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_ENV = "AIGC_JAX_FASHION_MNIST"
@@ -293,8 +294,8 @@ def validate_image_data_config(c) -> None:
 
 
 def write_grid(images_u8: np.ndarray, path: str, cols: int | None = None) -> str:
-  """uint8 images [N, H, W, C] tiled into one PNG (2-pixel gaps, upscaled to >= 256 px);
-  `cols` per row (default: a square)."""
+  """uint8 images [N, H, W, C] tiled into one PNG (2-pixel gaps, upscaled to >= 256 px),
+  written atomically; `cols` per row (default: a square)."""
   from PIL import Image
   n, H, W, C = images_u8.shape
   cols = cols or int(np.ceil(np.sqrt(n)))
@@ -305,7 +306,8 @@ def write_grid(images_u8: np.ndarray, path: str, cols: int | None = None) -> str
     grid[2 + r * (H + 2):2 + r * (H + 2) + H, 2 + c * (W + 2):2 + c * (W + 2) + W] = img
   scale = max(1, 256 // max(grid.shape[:2]))
   out = Image.fromarray(grid[..., 0] if C == 1 else grid)
-  out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(path)
+  with replaced_atomically(path) as tmp:  # never half a picture
+    out.resize((out.width * scale, out.height * scale), Image.NEAREST).save(tmp, format="PNG")
   return path
 
 
@@ -333,6 +335,9 @@ class ImageBatches(SeededBatches):
       raise UserError("the image dataset is empty")
     self.images, self.labels = images_u8, labels
     self.batch_size, self.seed, self.next_index = batch_size, seed, 0
+
+  def source_arrays(self) -> dict[str, np.ndarray]:
+    return {"images": self.images, "labels": self.labels}
 
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """{"images": [B, H, W, C] float32 in [-1, 1], "labels": [B] int32}, drawn from

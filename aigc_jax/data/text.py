@@ -3,7 +3,9 @@ any plain-text file or folder, and tfds text datasets; deterministic train/val s
 
 from __future__ import annotations
 
+import codecs
 import sysconfig
+import tokenize
 import zlib
 from pathlib import Path
 
@@ -30,31 +32,69 @@ def stdlib_documents(limit_files: int = 0) -> list[Document]:
                  if not _EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]))
   if limit_files:
     files = files[:limit_files]
-  return [(str(p.relative_to(root)), p.read_text("utf-8", errors="replace")) for p in files]
+  return [(str(p.relative_to(root)), _read_python_source(p)) for p in files]
 
 
-def _is_text(path: Path) -> bool:
+def _read_python_source(path: Path) -> str:
+  # Strict, in the encoding Python itself reads the file with (UTF-8 unless a PEP 263
+  # cookie says otherwise): every corpus file decodes, so nothing is silently replaced.
+  with tokenize.open(path) as f:
+    return f.read()
+
+
+def _is_text(path: Path, encoding: str = "utf-8") -> bool:
+  """False when the file's first 4 KiB decode to a NUL character (binary)."""
   with open(path, "rb") as f:
-    return b"\0" not in f.read(4096)
+    head = f.read(4096)
+  # Decoded, not raw bytes: UTF-16 text has NUL bytes but no NUL characters.
+  decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+  return "\0" not in decoder.decode(head, final=False)
 
 
-def text_documents(path: str) -> list[Document]:
-  """A text file as one document, or every text file under a folder (sorted)."""
+def _read_text_file(path: Path, encoding: str, field: str) -> str:
+  """The file decoded strictly; UserError naming it when it is binary or not `encoding`."""
+  raw = path.read_bytes()
+  try:
+    text = raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    nul = raw.find(b"\0")
+    if nul >= 0:  # a binary file fails any decode: say so, not "wrong encoding"
+      raise UserError(f"data file '{path}' looks binary (NUL byte at offset {nul}): point "
+                      f"data.{field} at text") from None
+    offset = e.start + len(raw) - len(e.object)  # utf-8-sig reports past its stripped BOM
+    raise UserError(
+        f"data file '{path}' is not valid {encoding} (byte 0x{e.object[e.start]:02x} at "
+        f"offset {offset}): set data.encoding to the file's encoding (e.g. "
+        f"data.encoding='latin-1' or 'cp1252'), or convert the file to {encoding}") from None
+  nul = text.find("\0")
+  if nul >= 0:  # single-byte codecs (latin-1) decode anything, binary included
+    offset = len(text[:nul].encode(encoding))
+    raise UserError(f"data file '{path}' looks binary (NUL byte at offset {offset}): point "
+                    f"data.{field} at text")
+  # Universal newlines, as text-mode reading did before: \r\n and \r become \n.
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def text_documents(path: str, encoding: str = "utf-8",
+                   field: str = "path") -> list[Document]:
+  """A text file as one document, or every text file under a folder (sorted), decoded
+  strictly with `encoding`; `field` ('path' or 'val_path') is the setting named in errors."""
   p = Path(path).expanduser()
   if not p.exists():
-    raise UserError(f"data path {path!r} does not exist: set data.path to a text file or a "
-                    "folder of text files")
+    raise UserError(f"data path {path!r} does not exist: set data.{field} to a text file or "
+                    "a folder of text files")
   if p.is_file():
     files = [p]
   else:
+    # Binary files in a folder (images, archives) are skipped; a file given directly is not.
     files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                   and _is_text(f))
+                   and _is_text(f, encoding))
     if not files:
-      raise UserError(f"data path {path!r} holds no text files")
+      raise UserError(f"data path {path!r} holds no text files: point data.{field} at text")
   docs = [(str(f.relative_to(p)) if p.is_dir() else f.name,
-           f.read_text("utf-8", errors="replace")) for f in files]
+           _read_text_file(f, encoding, field)) for f in files]
   if not any(text for _, text in docs):
-    raise UserError(f"data path {path!r} holds only empty files")
+    raise UserError(f"data path {path!r} holds only empty files: point data.{field} at text")
   return docs
 
 
@@ -94,19 +134,20 @@ def split_documents(docs: list[Document],
 def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
   """(train, val) documents for the `data` section of a run config."""
   name = data_cfg.name
+  encoding = data_cfg.get("encoding", "utf-8")  # data sections built by hand may lack it
   if name == "stdlib":
     docs = stdlib_documents(data_cfg.get("limit_files", 0))
   elif name == "text":
     if not data_cfg.path:
       raise UserError("data.name='text' needs data.path: a text file or a folder of them")
-    docs = text_documents(data_cfg.path)
+    docs = text_documents(data_cfg.path, encoding)
   elif name == "tfds":
     docs = tfds_documents(data_cfg.tfds_name, data_cfg.tfds_split, data_cfg.tfds_text_key,
                           data_cfg.tfds_data_dir)
   else:
     raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text' or 'tfds'")
   if data_cfg.get("val_path"):
-    return docs, text_documents(data_cfg.val_path)
+    return docs, text_documents(data_cfg.val_path, encoding, "val_path")
   return split_documents(docs, data_cfg.val_fraction)
 
 

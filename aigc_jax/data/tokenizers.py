@@ -5,7 +5,6 @@ Both round-trip exactly: decode(encode(text)) == text for any str.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -13,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from aigc_jax.errors import UserError
+from aigc_jax.files import replaced_atomically
 
 EOS_TEXT = "<|endoftext|>"
 
@@ -39,7 +39,7 @@ class ByteTokenizer:
 
   def save(self, directory: str) -> None:
     """Writes the tokenizer's description into `directory`."""
-    with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp, \
+    with replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp, \
         open(tmp, "w") as f:
       json.dump({"kind": self.kind}, f)
 
@@ -112,17 +112,10 @@ class BpeTokenizer:
 
   def save(self, directory: str) -> None:
     """Writes tokenizer.json into `directory`."""
-    with _replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp:
+    with replaced_atomically(os.path.join(directory, "tokenizer.json")) as tmp:
       self._tok.save(tmp)
 
 
-@contextlib.contextmanager
-def _replaced_atomically(path: str):
-  """Yields a temporary name to write; it then replaces `path` in one step, so a reader
-  (another process of the run) never sees half a file."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  yield tmp
-  os.replace(tmp, path)
 
 
 def load_tokenizer(directory: str):

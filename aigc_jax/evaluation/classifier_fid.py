@@ -22,6 +22,7 @@ from flax import nnx
 
 from aigc_jax.data.images import ImageDataset, to_unit_range
 from aigc_jax.evaluation.frechet import GaussianStats, feature_stats, frechet_distance
+from aigc_jax.files import replaced_atomically
 
 FEATURE_DIM = 64
 _CACHE_VERSION = 1
@@ -120,9 +121,8 @@ def _train(dataset: ImageDataset, epochs: int, seed: int, batch_size: int = 128)
 
 def _save(path: str, params, meta: dict) -> None:
   leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, meta=np.array(json.dumps(meta)), **leaves)
-  os.replace(tmp, path)  # never a half-written cache file
+  with replaced_atomically(path, suffix=".npz") as tmp:  # never a half-written cache file
+    np.savez(tmp, meta=np.array(json.dumps(meta)), **leaves)
 
 
 def _load(path: str, abstract_params, fingerprint: dict):

@@ -174,7 +174,13 @@ class FinetuneFamily:
               "step": int(jax.device_get(state.step)), "task": self.task,
               "pretrained": self.config.pretrained.path}
     return export_hf(directory, self.model_cfg, self.merged_lm_params(state), self.tokenizer,
-                     dtype=dtype, workdir=self.workdir, source=source)
+                     dtype=dtype, workdir=self.workdir, source=source,
+                     extra_tensors=self.export_extras(state))
+
+  def export_extras(self, state: TrainState) -> dict[str, dict[str, np.ndarray]]:
+    """Files written beside the model in the same atomic export: {file name: {tensor
+    name: array}} (none here; a task with its own head adds it)."""
+    return {}
 
   # --- data -------------------------------------------------------------------------
   def load_examples(self) -> tuple[dict, dict]:

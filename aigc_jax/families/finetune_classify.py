@@ -6,7 +6,6 @@ baseline on the same split."""
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +30,11 @@ class ClassifyFamily(FinetuneFamily):
   def wrap(self, lm: Transformer, rngs: nnx.Rngs) -> nnx.Module:
     return SequenceClassifier(lm, self.config.task.num_classes, rngs=rngs)
 
-  def export(self, state: TrainState, directory: str, dtype: str = "float32") -> str:
-    """The language model as a Hugging Face Llama folder, the head beside it in
-    `classifier_head.safetensors` (weight [C, D])."""
-    from safetensors.numpy import save_file
-
-    path = super().export(state, directory, dtype)
+  def export_extras(self, state: TrainState) -> dict[str, dict[str, np.ndarray]]:
+    """The head beside the Llama folder, in `classifier_head.safetensors` (weight [C, D]),
+    written in the same atomic export as the model."""
     kernel = np.asarray(jax.device_get(state.params["head"]["kernel"]), np.float32)
-    save_file({"weight": np.ascontiguousarray(kernel.T)},
-              os.path.join(directory, "classifier_head.safetensors"))
-    return path
+    return {"classifier_head.safetensors": {"weight": np.ascontiguousarray(kernel.T)}}
 
   # --- data -------------------------------------------------------------------------
   @functools.cached_property

@@ -16,6 +16,7 @@ from flax import nnx
 
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
+from aigc_jax.families import image_sampling
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.nn.partitioning import constrain, param_names
@@ -278,14 +279,16 @@ class Family:
       return jnp.round((images + 1) * 127.5).clip(0, 255).astype(jnp.uint8)
     return jax.jit(sample)
 
+  CLI_SAMPLE_OPTIONS = image_sampling.CLI_SAMPLE_OPTIONS
+
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
-    """`aigc-jax sample`: a grid of `num` images from the EMA generator, as a PNG."""
-    num = options.get("num") or self.config.sample.num
-    seed = options.get("seed") or 0
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"sample_{num}_seed{seed}.png")
-    image_data.write_grid(self.sample_images(state, num, seed), path)
+    """`aigc-jax sample`: a grid of `num` images from the EMA generator, as a PNG (--out,
+    or WORKDIR/samples/sample_NUM_seedSEED.png)."""
+    num = image_sampling.sample_count(options, self.config.sample.num)
+    seed, out = image_sampling.sample_seed(options), options.get("out")
+    path = image_sampling.sample_path(out, workdir, f"sample_{num}_seed{seed}.png")
+    image_sampling.write_sample_grid(self.sample_images(state, num, seed), path,
+                                     is_out=out is not None)
     return f"wrote {num} samples to {path}"
 
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
@@ -294,3 +297,4 @@ class Family:
     os.makedirs(out_dir, exist_ok=True)
     images = self.sample_images(state, self.config.sample.num, seed=self.config.seed)
     return [image_data.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"))]
+

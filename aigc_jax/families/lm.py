@@ -3,6 +3,7 @@ init, step, eval (loss, perplexity, bits per byte) and text samples."""
 
 from __future__ import annotations
 
+import codecs
 import functools
 import math
 import os
@@ -60,11 +61,19 @@ def default_config() -> ml_collections.ConfigDict:
       logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(
       name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds
-      path="", val_path="", val_fraction=0.05,
+      path="",  # text only: a text file (split by lines) or a folder (split by file)
+      val_path="",  # any source: validation text, instead of splitting off val_fraction
+      val_fraction=0.05,  # without val_path only
+      # The codec data.path and data.val_path are decoded with (any name Python's codecs
+      # know, e.g. 'latin-1'); files that do not decode are errors. Only reading uses it:
+      # documents are tokenized from the decoded text, which the byte tokenizer encodes as
+      # UTF-8 (and bits per byte count UTF-8 bytes), whatever the files' encoding.
+      encoding="utf-8",
       limit_files=0,  # stdlib only: use the first N files (0: all)
       seq_len=64,
       tokenizer="byte",  # byte | bpe (trained on the training split, saved with the run)
       bpe_vocab_size=4096,
+      # tfds only:
       tfds_name="", tfds_split="train", tfds_text_key="text", tfds_data_dir="")
   c.train = dict(steps=1000, batch_size=12, grad_accum_steps=1, log_every=50,
                  eval_every=500, eval_batches=16, checkpoint_every=500, keep_checkpoints=3,
@@ -125,6 +134,36 @@ def validate(c) -> None:
   require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name",
           "is required with data.name='tfds'")
   require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+  # Settings the chosen source does not read would be silently ignored: refuse them
+  # (text.load_documents is the reader; val_path serves every source).
+  defaults = default_config().data
+  uses = {"text": "to train on data.path", "stdlib": "to read the standard library",
+          "tfds": "to read a tfds dataset"}
+  for field, source in (("path", "text"), ("limit_files", "stdlib"), ("tfds_name", "tfds"),
+                        ("tfds_split", "tfds"), ("tfds_text_key", "tfds"),
+                        ("tfds_data_dir", "tfds")):
+    default = defaults[field]
+    undo = f"unset data.{field}" if default == "" else f"set data.{field}={default!r}"
+    require(d.name == source or d[field] == default, f"data.{field}",
+            f"is set ({d[field]!r}) but data.name is {d.name!r}, which does not read it: "
+            f"set data.name={source!r} {uses[source]}, or {undo}")
+  require(not d.val_path or d.val_fraction == defaults.val_fraction, "data.val_fraction",
+          f"is set ({d.val_fraction!r}) but data.val_path is given, which replaces the "
+          "split: unset data.val_path to split off val_fraction, or set "
+          f"data.val_fraction={defaults.val_fraction!r}")
+  try:  # LookupError for unknown names and for byte-to-byte codecs (hex, base64, rot13);
+    # not b"": decoding nothing skips the codec lookup.
+    b"\n".decode(d.encoding, "replace")
+    known = True
+  except (LookupError, UnicodeError, TypeError):
+    known = False
+  require(known, "data.encoding", "must be a text encoding Python knows (e.g. 'utf-8', "
+          f"'latin-1', 'cp1252'), got {d.encoding!r}")
+  require(codecs.lookup(d.encoding).name == "utf-8" or d.name == "text" or bool(d.val_path),
+          "data.encoding",
+          f"is set ({d.encoding!r}) but data.name is {d.name!r} and data.val_path is unset, "
+          "so no file is read with it: set data.name='text' and data.path (or "
+          "data.val_path), or unset data.encoding")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
 

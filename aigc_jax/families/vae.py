@@ -23,6 +23,7 @@ from flax import nnx
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
 from aigc_jax.errors import UserError
+from aigc_jax.families import image_sampling
 from aigc_jax.models import vae_losses
 from aigc_jax.models.vae import VAE, VaeConfig
 from aigc_jax.nn.partitioning import param_names
@@ -98,6 +99,10 @@ def check_targets(images: np.ndarray, likelihood: str, image_shape) -> None:
     lo, hi = float(images.min()), float(images.max())
     raise UserError(f"the bernoulli likelihood needs binary images in {{0, 1}}, got values in "
                     f"[{lo:.3g}, {hi:.3g}]: binarize them, or use model.likelihood='logistic'")
+
+
+# Images per row of each picture's grid (samples: a square).
+PICTURE_COLUMNS = {"reconstructions": 16, "interpolation": 10}
 
 
 class Family:
@@ -324,19 +329,27 @@ class Family:
 
   def _write_pictures(self, state, out_dir: str, suffix: str, num: int, seed: int) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    cols = {"reconstructions": 16, "interpolation": 10, "samples": None}
     return [image_data.write_grid(images, os.path.join(out_dir, f"{name}{suffix}.png"),
-                                  cols=cols[name])
+                                  cols=PICTURE_COLUMNS.get(name))
             for name, images in self.pictures(state, num, seed).items()]
 
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
     return self._write_pictures(state, os.path.join(workdir, "samples"), f"_step_{step:07d}",
                                 self.config.sample.num, self.config.seed)
 
+  CLI_SAMPLE_OPTIONS = image_sampling.CLI_SAMPLE_OPTIONS
+
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
-    """`aigc-jax sample`: prior samples, reconstructions and an interpolation, as PNGs."""
-    num = options.get("num") or self.config.sample.num
-    seed = options.get("seed") or 0
-    paths = self._write_pictures(state, os.path.join(workdir, "samples"),
-                                 f"_{num}_seed{seed}", num, seed)
+    """`aigc-jax sample`: prior samples, reconstructions and an interpolation, as PNGs:
+    WORKDIR/samples/NAME_NUM_seedSEED.png, or --out's stem + _NAME.png."""
+    num = image_sampling.sample_count(options, self.config.sample.num)
+    seed, out = image_sampling.sample_seed(options), options.get("out")
+    if out is not None:  # refuses an --out that is no .png before drawing
+      image_sampling.sample_path(out, workdir, "")
+    paths = []
+    for name, images in self.pictures(state, num, seed).items():
+      path = image_sampling.sample_path(None if out is None else f"{out[:-4]}_{name}.png",
+                                        workdir, f"{name}_{num}_seed{seed}.png")
+      paths.append(image_sampling.write_sample_grid(images, path, is_out=out is not None,
+                                                    cols=PICTURE_COLUMNS.get(name)))
     return "wrote " + ", ".join(paths)

@@ -9,9 +9,13 @@ topology verifies under another. A checkpoint that fails to restore or to verify
 reported on stderr (its step and the reason) and the next older one is tried; one whose
 checksums do not match, or that cannot be restored at all, is moved aside by a training
 run to `STEP.damaged` (kept for inspection, out of the
-way of the step that will be saved again). Checkpoints written before fingerprints (no
+way of the step that will be saved again). An item that the step's own list of items
+(Orbax's `_CHECKPOINT_METADATA`) names but that is missing is damage too; only a step
+that never had checksums (written by an older aigc_jax) restores unverified. A step that
+disappears while a reader restores it was rotated away by a training run, not damaged:
+the reader lists the steps again. Checkpoints written before fingerprints (no
 `<algorithm>` entry: CRC-32 of each array's host bytes) still verify, one array fetched to
-the host at a time.
+the host at a time. A read-only Checkpointer (eval, sample) writes nothing.
 """
 
 from __future__ import annotations
@@ -169,8 +173,11 @@ class Checkpointer:
                read_only: bool = False):
     # read_only (eval, sample): an unusable checkpoint is reported but never moved.
     self.directory, self.read_only = os.path.abspath(directory), read_only
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    # A reader writes nothing (it may run on a workdir it cannot write).
+    options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                            save_interval_steps=0)
+               if read_only else ocp.CheckpointManagerOptions(
+                   max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
     self._saving_step = None
     self._frozen_sum = None  # the frozen weights' fingerprint (they never change)
     self._manager = ocp.CheckpointManager(
@@ -204,17 +211,27 @@ class Checkpointer:
     """(state, data_state, step) with `target_state`'s structure, shapes and shardings
     (concrete arrays or `jax.ShapeDtypeStruct`s): the given step, or the newest checkpoint
     that restores and verifies (older ones are tried in turn)."""
-    steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
-    if not steps:
+    if step is None and not self.all_steps():
       raise UserError(f"no checkpoint in {self.directory}: train first (aigc-jax train ...)")
     abstract = jax.tree.map(_abstract, _without_frozen(target_state))
-    failures = []
-    for candidate in steps:
+    failures, tried = [], set()
+    while True:
+      candidates = [s for s in (sorted(self.all_steps(), reverse=True) if step is None
+                                else [step]) if s not in tried]
+      if not candidates:
+        break
+      candidate = candidates[0]
+      tried.add(candidate)
       try:
         state, data_state, frozen_sum, algorithm = self._restore_verified(candidate, abstract)
       except UnknownChecksumAlgorithm:
         raise  # a newer aigc_jax's checkpoint: falling back would train over it
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
+        if step is None and not os.path.isdir(os.path.join(self.directory, str(candidate))):
+          # Removed while we read it: a training run rotating its checkpoints, not damage.
+          # Newer steps may have been saved meanwhile: list them again.
+          self._manager.reload()
+          continue
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
         if not self.read_only and jax.process_index() == 0:
@@ -234,10 +251,47 @@ class Checkpointer:
                           "point the config at the original weights, or use a new workdir")
         state = state.replace(frozen=target_state.frozen)
       return state, data_state, candidate
+    if not failures:
+      raise UserError(f"no checkpoint in {self.directory}: its checkpoints were removed while "
+                      "they were being read; re-run the command")
     kept = ("the folders of the damaged steps were left in place (a read-only command)"
             if self.read_only else "the damaged step folders are kept as STEP.damaged")
     raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
                     + f". {kept}: restore them, or start over in a new --workdir")
+
+  def saved_config(self) -> tuple[dict, int] | None:
+    """(config, step): the config saved with the newest checkpoint whose copy is intact
+    (its CRC-32 matches the one recorded beside it), or None."""
+    for step in sorted(self.all_steps(), reverse=True):
+      folder = os.path.join(self.directory, str(step))
+      try:
+        if os.path.isdir(os.path.join(folder, "checksums")):
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              config=ocp.args.JsonRestore(), checksums=ocp.args.JsonRestore()))
+          recorded = restored.checksums.get("<config>")
+          if recorded is not None and recorded != _json_crc(restored.config):
+            continue
+        elif "checksums" in self._listed_items(step):
+          continue  # its checksums item is missing: damaged
+        else:  # written before checksums
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              config=ocp.args.JsonRestore()))
+      except Exception:  # noqa: BLE001 - an unreadable copy: try an older one
+        continue
+      if isinstance(restored.config, dict):
+        return restored.config, step
+    return None
+
+  def _listed_items(self, step: int) -> list[str]:
+    """The items Orbax recorded for `step` in its `_CHECKPOINT_METADATA` (the manifest of
+    the step folder; ChecksumMismatch when it is missing or unreadable)."""
+    path = os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA")
+    try:
+      with open(path) as f:
+        return list(json.load(f)["item_handlers"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ChecksumMismatch(f"its list of items ({os.path.basename(path)}) is missing or "
+                             "unreadable") from e
 
   def _move_aside(self, step: int) -> str:
     """Renames the folder of `step` to STEP.damaged (STEP.damaged.N if taken); returns
@@ -250,7 +304,13 @@ class Checkpointer:
     return name
 
   def _restore_verified(self, step: int, abstract):
-    if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+    listed = self._listed_items(step)
+    missing = [item for item in listed
+               if not os.path.isdir(os.path.join(self.directory, str(step), item))]
+    if missing:  # removed after the save committed: damage, whatever the item
+      raise ChecksumMismatch(f"item{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                             "listed in its metadata missing")
+    if "checksums" not in listed:
       print(f"warning: checkpoint at step {step} in {self.directory} has no checksums "
             "(written by an older aigc_jax): restoring it unverified", file=sys.stderr)
       restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import time
 
@@ -29,7 +28,7 @@ from aigc_jax.train.checkpoint import Checkpointer
 from aigc_jax.train.family import family_module_path, load_family
 from aigc_jax.train.memory import release_free_memory
 from aigc_jax.train.metrics import MetricsWriter, plot_curves
-from aigc_jax.train.preemption import StopRequests, stop_requests
+from aigc_jax.train.preemption import Preempted, StopRequests, stop_requests  # noqa: F401
 from aigc_jax.train.workdir_lock import training_lock
 
 
@@ -69,22 +68,66 @@ def prepare_workdir(workdir: str) -> str:
 # they are (the layer layout, `scan_layers`, changes the parameters' shapes: not here).
 RUNTIME_MODEL_KEYS = ("attention", "remat", "remat_policy", "logits_chunk", "dtype", "dropout",
                       "max_seq_len")
+# Data settings that say where the data are, not what they are: a resume may move them
+# (the training data's fingerprint, checked on resume, says whether they are the same).
+DATA_LOCATION_KEYS = ("path", "val_path", "tfds_data_dir")
 
 
-def _check_resume_config(config, workdir: str, module) -> None:
-  """A resumed run must build the same parameters on the same data; the schedule, the
-  mesh and the model's runtime settings (RUNTIME_MODEL_KEYS) may change."""
-  if not os.path.exists(os.path.join(workdir, "config.json")):
+def fixed_differences(old, new) -> list[str]:
+  """The differences ("field: old -> new") between two run configs in the settings a
+  checkpoint depends on: the family, the seed, the parameters' shapes and the data."""
+  free = ({f"model.{key}" for key in RUNTIME_MODEL_KEYS}
+          | {f"data.{key}" for key in DATA_LOCATION_KEYS})
+  return [f for section in ("family", "seed", "model", "data")
+          for f in config_lib.differing_fields({section: old.get(section)},
+                                               {section: new.get(section)})
+          if f.split(":")[0] not in free]
+
+
+def _check_resume_config(config, workdir: str, module, checkpointer) -> None:
+  """A resumed run must build the same parameters on the same data as the checkpoint it
+  resumes (its own copy of the config decides, whatever config.json says); the
+  schedule, the mesh, the model's runtime settings (RUNTIME_MODEL_KEYS) and the data's
+  location (DATA_LOCATION_KEYS) may change."""
+  saved = checkpointer.saved_config() if checkpointer.all_steps() else None
+  if saved is not None:
+    old, what = config_lib.complete_config(saved[0], module), f"step {saved[1]}'s checkpoint"
+  elif os.path.exists(os.path.join(workdir, "config.json")):
+    old, what = config_lib.load_config(workdir, family=module), "config.json"
+  else:
     return
-  old = config_lib.load_config(workdir, family=module)
-  runtime = {f"model.{key}" for key in RUNTIME_MODEL_KEYS}
-  fixed = [f for section in ("family", "seed", "model", "data")
-           for f in config_lib.differing_fields({section: old.get(section)},
-                                                {section: config.get(section)})
-           if f.split(":")[0] not in runtime]
+  fixed = fixed_differences(old, config)
   if fixed:
     raise UserError(f"workdir {workdir!r} holds a run with a different configuration "
-                    f"({'; '.join(fixed)}): use a new --workdir, or the original settings")
+                    f"({'; '.join(fixed)}; from {what}): use a new --workdir, or the "
+                    "original settings")
+
+
+def _check_read_config(config, workdir: str, module, checkpointer) -> None:
+  """eval/sample: config.json must describe the parameters the checkpoints hold (a
+  hand-edited config.json would otherwise make every checkpoint look damaged)."""
+  saved = checkpointer.saved_config()
+  if saved is None:
+    return
+  fixed = fixed_differences(config_lib.complete_config(saved[0], module), config)
+  if fixed:
+    raise UserError(f"{os.path.join(workdir, 'config.json')} differs from the config saved "
+                    f"with the checkpoint of step {saved[1]} ({'; '.join(fixed)}): undo the "
+                    "edit, or delete config.json to use the checkpoint's copy")
+
+
+def check_data_fingerprint(saved: dict, current: dict, workdir: str) -> None:
+  """A resume must train on the data the checkpoint was trained on: the fingerprints
+  (size and hash of the tokenized or decoded training data) recorded in the checkpoint's
+  data state and computed now must agree (checkpoints without one are not checked)."""
+  old, new = saved.get("data"), current.get("data")
+  if old is None or new is None or old == new:
+    return
+  describe = lambda f: ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                 for k, v in sorted(f.items()))
+  raise UserError(f"the training data differ from the data the run in {workdir!r} was "
+                  f"trained on (then: {describe(old)}; now: {describe(new)}): restore the "
+                  "original data, or start over in a new --workdir")
 
 
 @dataclasses.dataclass
@@ -113,15 +156,19 @@ class Run:
 
   def compile_train_step(self, batch):
     """The guarded train step compiled ahead of time for `batch`'s shapes, state donated.
-    On an accelerator, a step whose memory (from the compiled program) exceeds what the
-    devices have free stops here with one error, before it runs."""
+    A step whose memory (from the compiled program) exceeds what the devices (on CPU:
+    the host) have free stops here with one error, before it runs."""
     with self.sharded():
       compiled = self.jit_train_step().lower(self.state, batch).compile()
     release_free_memory()  # the compiler's working memory
+    # The state and batch are on the devices already (counted as in use).
     if plan_lib.reports_memory(self.mesh):
       memory = plan_lib.compiled_memory(compiled)
-      # The state and batch are on the devices already (counted as in use).
       plan_lib.check_fits(memory, resident=memory["argument_bytes"])
+    elif jax.default_backend() == "cpu":  # CPU devices share the host's memory
+      memory = plan_lib.compiled_memory(compiled)
+      local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+      plan_lib.check_fits_host(memory, local, resident=memory["argument_bytes"])
     return compiled
 
   def put_batch(self, batch):
@@ -165,9 +212,16 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   dotted module path; see `aigc_jax.train.family`).
   """
   module = prepare_config(config, family)
-  workdir = prepare_workdir(workdir)
   if for_training:
-    _check_resume_config(config, workdir, module)
+    workdir = prepare_workdir(workdir)
+  else:  # eval and sample write nothing into the run's folder
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep=config.train.keep_checkpoints, read_only=not for_training)
+  if for_training:
+    _check_resume_config(config, workdir, module, checkpointer)
+  else:
+    _check_read_config(config, workdir, module, checkpointer)
   mesh = (mesh_lib.make_mesh(config.mesh) if for_training
           else mesh_lib.make_mesh_for_reading(config.mesh))
   rules = mesh_lib.rules_from_config(config.mesh)
@@ -184,13 +238,13 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
   if jax.process_count() > 1 and hasattr(train_data, "rows"):
     # Each process builds only its own rows of every batch.
     train_data.rows = mesh_lib.host_rows(config.train.batch_size, mesh)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              keep=config.train.keep_checkpoints, read_only=not for_training)
   if checkpointer.latest_step() is not None:
     # Restored straight into the current run's shardings (whatever mesh saved it): the
     # initial state is never built beside the restored one.
     state, data_state, _ = checkpointer.restore(init.restore_target())
-    family.train_data.set_state(data_state)
+    if for_training:
+      check_data_fingerprint(data_state, train_data.get_state(), workdir)
+    train_data.set_state(data_state)
   elif not for_training:
     raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
                     f"(aigc-jax train --config ... --workdir {workdir})")
@@ -257,15 +311,6 @@ def init_sharded_state(family, mesh, rules: dict, seed: int):
   return init.state(), init.shardings
 
 
-class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after checkpointing `step`; re-run to resume."""
-
-  def __init__(self, step: int, signum: int):
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; a checkpoint "
-                     "of that step was written: re-run the same command to resume")
-    self.step, self.signum = step, signum
-
-
 class _TrainLog:
   """Writes step N's train metrics once step N+1 has been dispatched, so reading them
   never stalls the device; rates are the steps finished since the last record over the
@@ -327,19 +372,23 @@ def train_and_evaluate(config, workdir: str, *, family=None,
 
 
 def _train_and_evaluate(config, workdir: str, *, family, progress: bool | None) -> dict:
-  run = open_run(config, workdir, for_training=True, family=family)
-  primary = jax.process_index() == 0  # with several processes, one writes the files
-  if primary:
-    config_lib.save_config(config, run.workdir)
-  writer = MetricsWriter(run.workdir, enabled=primary)
-  try:
-    with stop_requests() as stop:
-      return _run_steps(run, writer, progress, stop)
-  finally:
+  # Stop requests are taken from the start: a Ctrl-C while the run restores or compiles
+  # is noted and honoured before the first step (never an exception inside Orbax's or
+  # XLA's threads).
+  with stop_requests() as stop, plan_lib.out_of_memory_as_user_error("the training run"):
+    stop.during_start_up(None)
+    run = open_run(config, workdir, for_training=True, family=family)
+    primary = jax.process_index() == 0  # with several processes, one writes the files
+    if primary:
+      config_lib.save_config(config, run.workdir)
+    writer = MetricsWriter(run.workdir, enabled=primary)
     try:
-      run.checkpointer.close()  # waits for the last asynchronous save to commit
+      return _run_steps(run, writer, progress, stop)
     finally:
-      writer.close()
+      try:
+        run.checkpointer.close()  # waits for the last asynchronous save to commit
+      finally:
+        writer.close()
 
 
 def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
@@ -348,6 +397,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
   tcfg, total = config.train, config.train.steps
   start = int(jax.device_get(run.state.step))
   summary = {"workdir": run.workdir, "start_step": start}
+  stop.during_start_up(start)
   if start >= total:
     return {**summary, **run.evaluate(), "steps": start}
 
@@ -355,6 +405,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
   t0 = time.perf_counter()
   step_fn = run.compile_train_step(batch)
   summary["compile_seconds"] = time.perf_counter() - t0
+  stop.during_start_up(start)
 
   config_dict = config.to_dict()
   bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,

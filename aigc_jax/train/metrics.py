@@ -16,6 +16,7 @@ import types
 import numpy as np
 
 from aigc_jax.errors import UserError
+from aigc_jax.files import replaced_atomically
 
 
 class MetricsWriter:
@@ -310,8 +311,8 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
   out = os.path.join(workdir, "plots", filename)
   try:
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    fig.savefig(out + ".tmp", dpi=100, format="png")
-    os.replace(out + ".tmp", out)  # readers never see half a picture
+    with replaced_atomically(out) as tmp:  # readers never see half a picture
+      fig.savefig(tmp, dpi=100, format="png")
   except OSError as e:
     try:
       os.remove(out + ".tmp")

@@ -18,6 +18,7 @@ and the fixes), for a run's pre-flight check.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -205,13 +206,53 @@ def check_fits(plan: dict, device=None, *, resident: int = 0) -> None:
   this process's first device) has free (`memory_stats()`: bytes_limit - bytes_in_use).
   `resident`: bytes of the plan already on the device, so counted in bytes_in_use (e.g.
   `plan["argument_bytes"]` once the state and batch are placed). Does nothing for a
-  device that reports no memory statistics (CPU)."""
+  device that reports no memory statistics (CPU: see `check_fits_host`)."""
   device = jax.local_devices()[0] if device is None else device
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if not stats or "bytes_limit" not in stats:
     return
   free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-  needed = int(plan["total_bytes"]) - resident
+  _require_fits(plan, int(plan["total_bytes"]) - resident, free, "per device",
+                f"{device} has", bool(resident))
+
+
+def check_fits_host(plan: dict, num_devices: int, *, resident: int = 0) -> None:
+  """check_fits for CPU devices, which share this host's memory: `num_devices` (this
+  process's devices of the mesh) times the plan's bytes against the host's available
+  memory (`host_available_bytes`); nothing when that is unknown."""
+  free = host_available_bytes()
+  if free is None:
+    return
+  needed = (int(plan["total_bytes"]) - resident) * num_devices
+  _require_fits(plan, needed, free, "in host memory" + (
+      f" ({num_devices} CPU devices)" if num_devices > 1 else ""), "this host has",
+      bool(resident))
+
+
+def host_available_bytes() -> int | None:
+  """Memory this process may still allocate: the kernel's MemAvailable, lowered to what
+  the cgroup limit leaves (memory.max minus the cgroup's anonymous memory; page cache is
+  reclaimable); None where /proc/meminfo is unreadable (not Linux)."""
+  try:
+    with open("/proc/meminfo") as f:
+      meminfo = dict(line.split(":", 1) for line in f if ":" in line)
+    free = int(meminfo["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return None
+  try:
+    with open("/sys/fs/cgroup/memory.max") as f:
+      limit = f.read().strip()
+    with open("/sys/fs/cgroup/memory.stat") as f:
+      stat = dict(line.split() for line in f if len(line.split()) == 2)
+    if limit != "max":
+      free = min(free, int(limit) - int(stat.get("anon", 0)))
+  except (OSError, ValueError):
+    pass
+  return free
+
+
+def _require_fits(plan: dict, needed: int, free: int, scope: str, holder: str,
+                  resident: bool) -> None:
   if needed <= free:
     return
   parts = [(label, plan[key]) for label, key in
@@ -221,10 +262,26 @@ def check_fits(plan: dict, device=None, *, resident: int = 0) -> None:
   detail = ", ".join(f"{label} {_gib(n)}" for label, n in parts)
   more = " more" if resident else ""
   raise UserError(
-      f"the run needs {_gib(needed)}{more} per device ({detail}{counted}), but {device} has "
-      f"{_gib(free)} free: split the state over more devices (raise mesh.fsdp), "
+      f"the run needs {_gib(needed)}{more} {scope} ({detail} per device{counted}), but "
+      f"{holder} {_gib(free)} free: split the state over more devices (raise mesh.fsdp), "
       "rematerialise the blocks (model.remat_policy='full'), lower train.batch_size (or raise "
       "train.grad_accum_steps), or chunk the loss (model.logits_chunk)")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(what: str):
+  """Turns XLA's RESOURCE_EXHAUSTED (an allocation that failed while `what` ran) into
+  one UserError with the fixes; other runtime errors pass unchanged."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    reason = str(e).splitlines()[0].strip()
+    raise UserError(f"{what} ran out of memory ({reason}): lower train.batch_size (or raise "
+                    "train.grad_accum_steps), rematerialise the blocks "
+                    "(model.remat_policy='full'), chunk the loss (model.logits_chunk), or "
+                    "split the state over more devices (mesh.fsdp)") from e
 
 
 def preflight(config, mesh, rules: dict, family, devices=None, *,

@@ -17,6 +17,23 @@ import threading
 
 import jax
 
+from aigc_jax.train import interrupts
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after checkpointing `step` (or, `saved=False`,
+  during start-up, before training step `step`); re-run to resume."""
+
+  def __init__(self, step: int | None, signum: int, *, saved: bool = True):
+    name = signal.Signals(signum).name
+    when = "" if step is None else f", before step {step}"
+    super().__init__(
+        f"stopped by {name} at step {step}; a checkpoint of that step was written: re-run "
+        "the same command to resume" if saved else
+        f"stopped by {name} during start-up{when}; nothing new to save: re-run the same "
+        "command to resume")
+    self.step, self.signum, self.saved = step, signum, saved
+
 
 class StopRequests:
   """`requested(step)`: whether to checkpoint and stop after `step` (called once per
@@ -32,6 +49,13 @@ class StopRequests:
       os.kill(os.getpid(), signal.SIGTERM)  # to the coordination service's notifier
     elif self.signum is None:
       self.signum = signum
+
+  def during_start_up(self, step: int | None) -> None:
+    """Raises Preempted(saved=False) if this process was asked to stop before training
+    `step` (None: before the run is opened). One process only: several agree only at a
+    step's sync point, after it."""
+    if not self.multi_process and self.signum is not None:
+      raise Preempted(step, self.signum, saved=False)
 
   def requested(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step` (every process answers alike)."""
@@ -49,12 +73,15 @@ def stop_requests():
   """Installs the handlers for the duration of a run (main thread only; elsewhere
   signals keep their handlers)."""
   stop = StopRequests(multi_process=jax.process_count() > 1)
+  early = interrupts.take_pending()  # a Ctrl-C while the command started (CLI)
   if threading.current_thread() is not threading.main_thread():
     yield stop
     return
   # With several processes SIGTERM stays with JAX's notifier; SIGINT is forwarded to it.
   signals = (signal.SIGINT,) if stop.multi_process else (signal.SIGTERM, signal.SIGINT)
   previous = {s: signal.signal(s, stop._on_signal) for s in signals}
+  if early is not None:
+    stop._on_signal(early, None)
   try:
     yield stop
   finally:

@@ -19,6 +19,7 @@ import json
 import logging as std_logging
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 
@@ -118,15 +119,19 @@ def _join_cluster(FLAGS) -> None:
   """jax.distributed.initialize, as one error line when it cannot start or not every
   process joins within --distributed_timeout seconds."""
   import inspect
-  import threading
 
   import jax
   timeout = FLAGS.distributed_timeout
-  address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  address = (FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+             or "detected from the cluster")
+  # Taken by whichever comes first: the watchdog giving up, or initialize() returning.
+  decided = threading.Lock()
 
   def give_up():
     # JAX's own deadline kills the process from C++ (a fatal log and a stack dump), so
     # ours comes first; initialize() holds the main thread, so exit from here.
+    if not decided.acquire(blocking=False):
+      return
     print(f"error: --distributed: not every process joined within {timeout} s "
           f"(coordinator {address}): start all --num_processes processes with the same "
           "--coordinator_address (process 0 listens there), or raise --distributed_timeout",
@@ -150,8 +155,15 @@ def _join_cluster(FLAGS) -> None:
     fix = (f"outside SLURM and TPU pods pass {', '.join(unset)} (or set "
            "JAX_COORDINATOR_ADDRESS)" if unset else "fix --num_processes / --process_id")
     raise UserError(f"--distributed cannot start ({str(e).rstrip('.')}): {fix}") from e
+  except jax.errors.JaxRuntimeError as e:  # e.g. the coordinator's port is taken
+    reason = " ".join(str(e).split())[:300]
+    raise UserError(f"--distributed cannot start ({reason}): check --coordinator_address "
+                    f"({address}) and that no other run uses its port") from e
   finally:
-    watchdog.cancel()
+    if decided.acquire(blocking=False):  # the watchdog has not fired: it never will now
+      watchdog.cancel()
+    else:
+      threading.Event().wait()  # it is printing and exiting: let it finish
 
 
 def _check_utf8(flag: str, values) -> None:
@@ -309,17 +321,20 @@ def main(argv: list[str] | None = None) -> None:
   """The `aigc-jax` entry point (see the module docstring for the commands)."""
   given = (sys.argv if argv is None else argv)[1:2]
   training = given in (["train"], ["finetune"])
-  if training or given in (["eval"], ["sample"]):
-    # First: a Ctrl-C from here on never raises inside library code (train/interrupts.py).
-    # `export` keeps Python's KeyboardInterrupt: its writer removes its temporary folder.
-    interrupts.take_over(exit_now=not training)
+  # First: a Ctrl-C from here on never raises inside library code (train/interrupts.py).
+  # `export` keeps Python's KeyboardInterrupt: its writer removes its temporary folder.
+  interrupting = ((training or given in (["eval"], ["sample"]))
+                  and threading.current_thread() is threading.main_thread())
+  previous = {}
+  if interrupting:
+    interrupts.hold()  # none is lost before the handler is in place, nor across a restart
+    previous = interrupts.take_over(exit_now=not training)
   if argv is None and training:
     # A training process restarts once with the malloc settings that keep the step's
     # memory mapped (train/memory.py; ~2 s of start-up for 10-25 % faster CPU steps).
-    # Signals wait across the restart, for the new process's handler.
-    interrupts.hold()
     reexec_with_malloc_tunables()
-    interrupts.release()  # no restart was needed
+  if interrupting:
+    interrupts.release()
   apply_fast_cpu_flags()  # before JAX starts a backend
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -371,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
   except KeyboardInterrupt:  # export (see above)
     print("interrupted: the export was not written", file=sys.stderr)
     sys.exit(130)
+  finally:
+    interrupts.restore(previous)  # main() called in a process that goes on
 
 
 if __name__ == "__main__":

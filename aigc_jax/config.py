@@ -94,7 +94,8 @@ def load_config(workdir: str, family=None) -> ml_collections.ConfigDict:
         raise UserError(f"no config.json in {workdir!r}: is it the workdir of a training run? "
                         "(aigc-jax train --config ... --workdir DIR writes it)")
       raise UserError(f"{path} {problem}, and no checkpoint holds a copy of the run's config: "
-                      "restore config.json from a backup, or start over in a new --workdir")
+                      "restore config.json from a backup; or, to train, delete it (the run "
+                      "has nothing to resume) or use a new --workdir")
     saved, step = copy
     print(f"warning: {path} {problem}; using the copy of the config saved with the "
           f"checkpoint of step {step} (a training run writes config.json again)",
@@ -109,6 +110,8 @@ def complete_config(saved: dict, family=None) -> ml_collections.ConfigDict:
     from aigc_jax.train.family import load_family
     module = load_family(saved["family"] if family is None else family)
     saved = _with_missing_keys(saved, module.default_config().to_dict())
+    if hasattr(module, "clear_unread_settings"):  # e.g. settings refused since it was saved
+      saved = module.clear_unread_settings(saved)
   return ml_collections.ConfigDict(saved)
 
 

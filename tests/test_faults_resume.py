@@ -160,6 +160,26 @@ def test_a_changed_training_corpus_stops_the_resume_a_moved_one_does_not(tmp_pat
   assert json.loads(resumed.stdout)["start_step"] == 10
 
 
+def test_a_run_saved_with_data_settings_refused_since_still_loads_and_resumes():
+  """A run saved before unread data settings were refused (the tiny config's limit_files
+  with data.name='text') loads as what it was; a resume that clears the setting, or names
+  the corpus's encoding, builds the same run."""
+  from aigc_jax.config import complete_config
+  from aigc_jax.families import lm
+  from aigc_jax.train.loop import fixed_differences
+  saved = config_from_file(TINY_CONFIG, {"data.name": "text", "data.path": TINY_CONFIG})
+  assert saved.data.limit_files == 40  # as such runs were saved
+  loaded = complete_config(saved.to_dict())
+  lm.validate(loaded)  # eval and sample of the old run
+  assert loaded.data.limit_files == 0
+  resumed = config_from_file(TINY_CONFIG, {"data.name": "text", "data.path": TINY_CONFIG,
+                                           "data.limit_files": 0, "data.encoding": "latin-1"})
+  assert fixed_differences(loaded, resumed) == []
+  changed = config_from_file(TINY_CONFIG, {"data.name": "text", "data.path": TINY_CONFIG,
+                                           "data.limit_files": 0, "data.seq_len": 16})
+  assert fixed_differences(loaded, changed) == ["data.seq_len: 32 -> 16"]
+
+
 def _read_only(path):
   """Makes `path` unwritable for this process: a read-only bind mount onto itself as
   root (whom permissions do not stop), the write bits removed otherwise. Returns an undo
@@ -195,6 +215,18 @@ def test_eval_and_sample_run_on_a_workdir_they_cannot_write(runs, tmp_path):
   finally:
     undo()
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_samples_that_cannot_be_written_stop_the_run_after_its_checkpoint(runs, tmp_path):
+  workdir = _copy(runs, tmp_path)
+  shutil.rmtree(workdir / "samples", ignore_errors=True)
+  (workdir / "samples").write_text("")  # a file where the folder goes: a real OSError
+  line = _one_error(run_cli("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+                            "--config.train.steps=20", "--config.sample.num=1",
+                            *[f for f in FLAGS if "sample.num" not in f], timeout=300))
+  assert f"cannot write the samples of step 20 to {workdir / 'samples'}" in line, line
+  assert "the checkpoint of step 20 is saved" in line, line
+  assert Checkpointer(str(workdir / "checkpoints")).latest_step() == 20
 
 
 def _params(value):
@@ -240,6 +272,18 @@ def test_ctrl_c_while_a_resumed_run_starts_never_crashes_and_the_resume_is_exact
     assert proc.returncode == 75, (delay, proc.returncode, stderr[-3000:])
     assert ("preempted: stopped by SIGINT during start-up" in stderr
             or "preempted: stopped by SIGINT at step 1" in stderr), stderr[-3000:]
+  # A second Ctrl-C while the run starts ends it at once (nothing to wait for).
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode in (75, 130), stderr[-3000:]  # 75: the first ended it already
+  if proc.returncode == 130:
+    assert "interrupted again while starting: stopped at once" in stderr, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
   proc = subprocess.Popen([sys.executable, "-m", "aigc_jax.cli", "eval", "--workdir",
                            str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

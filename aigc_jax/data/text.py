@@ -38,8 +38,13 @@ def stdlib_documents(limit_files: int = 0) -> list[Document]:
 def _read_python_source(path: Path) -> str:
   # Strict, in the encoding Python itself reads the file with (UTF-8 unless a PEP 263
   # cookie says otherwise): every corpus file decodes, so nothing is silently replaced.
-  with tokenize.open(path) as f:
-    return f.read()
+  try:
+    with tokenize.open(path) as f:
+      return f.read()
+  except (SyntaxError, UnicodeDecodeError) as e:  # a bad coding cookie, or bytes
+    raise UserError(f"standard library file '{path}' cannot be read as Python source "
+                    f"({e}): set data.limit_files to stop before it, or train on "
+                    "data.name='text'") from None
 
 
 def _is_text(path: Path, encoding: str = "utf-8") -> bool:

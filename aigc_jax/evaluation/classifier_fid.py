@@ -173,8 +173,12 @@ def load_or_train(dataset: ImageDataset, cache_dir: str | None, *, num_samples: 
       correct += int((logits.argmax(-1) == dataset.test_labels[start:start + _CHUNK]).sum())
     meta = {"fingerprint": fingerprint, "test_accuracy": correct / len(dataset.test_images)}
     if path is not None:
-      os.makedirs(cache_dir, exist_ok=True)
-      _save(path, params, meta)
+      try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _save(path, params, meta)
+      except OSError as e:  # a cache: a run read from a read-only workdir goes on without it
+        logging.warning("cannot write the classifier cache %s (%s); it is trained again "
+                        "next time", path, e.strerror or e)
 
   n = min(num_samples, len(dataset.test_images))
   evaluator = ClassifierFid(dataset.name, meta["test_accuracy"], None, 0.0, n, features_fn,

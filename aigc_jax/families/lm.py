@@ -134,23 +134,9 @@ def validate(c) -> None:
   require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name",
           "is required with data.name='tfds'")
   require(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-  # Settings the chosen source does not read would be silently ignored: refuse them
-  # (text.load_documents is the reader; val_path serves every source).
-  defaults = default_config().data
-  uses = {"text": "to train on data.path", "stdlib": "to read the standard library",
-          "tfds": "to read a tfds dataset"}
-  for field, source in (("path", "text"), ("limit_files", "stdlib"), ("tfds_name", "tfds"),
-                        ("tfds_split", "tfds"), ("tfds_text_key", "tfds"),
-                        ("tfds_data_dir", "tfds")):
-    default = defaults[field]
-    undo = f"unset data.{field}" if default == "" else f"set data.{field}={default!r}"
-    require(d.name == source or d[field] == default, f"data.{field}",
-            f"is set ({d[field]!r}) but data.name is {d.name!r}, which does not read it: "
-            f"set data.name={source!r} {uses[source]}, or {undo}")
-  require(not d.val_path or d.val_fraction == defaults.val_fraction, "data.val_fraction",
-          f"is set ({d.val_fraction!r}) but data.val_path is given, which replaces the "
-          "split: unset data.val_path to split off val_fraction, or set "
-          f"data.val_fraction={defaults.val_fraction!r}")
+  # Settings the chosen source does not read would be silently ignored: refuse them.
+  for field, (value, _, fix) in _unread_data_settings(d).items():
+    require(False, f"data.{field}", f"is set ({value!r}) but {fix}")
   try:  # LookupError for unknown names and for byte-to-byte codecs (hex, base64, rot13);
     # not b"": decoding nothing skips the codec lookup.
     b"\n".decode(d.encoding, "replace")
@@ -166,6 +152,40 @@ def validate(c) -> None:
           "data.val_path), or unset data.encoding")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
+
+
+def _unread_data_settings(d) -> dict[str, tuple]:
+  """{field: (value, default, why it is unread and the fix)} for the data settings that
+  `d.name`'s source does not read (text.load_documents is the reader; val_path serves
+  every source) and that differ from their defaults."""
+  defaults = default_config().data
+  uses = {"text": "to train on data.path", "stdlib": "to read the standard library",
+          "tfds": "to read a tfds dataset"}
+  out = {}
+  for field, source in (("path", "text"), ("limit_files", "stdlib"), ("tfds_name", "tfds"),
+                        ("tfds_split", "tfds"), ("tfds_text_key", "tfds"),
+                        ("tfds_data_dir", "tfds")):
+    default = defaults[field]
+    if d.get("name") != source and d.get(field, default) != default:
+      undo = f"unset data.{field}" if default == "" else f"set data.{field}={default!r}"
+      out[field] = (d[field], default, f"data.name is {d.get('name')!r}, which does not read "
+                    f"it: set data.name={source!r} {uses[source]}, or {undo}")
+  if d.get("val_path") and d.get("val_fraction", defaults.val_fraction) != defaults.val_fraction:
+    out["val_fraction"] = (d["val_fraction"], defaults.val_fraction,
+                           "data.val_path is given, which replaces the split: unset "
+                           "data.val_path to split off val_fraction, or set "
+                           f"data.val_fraction={defaults.val_fraction!r}")
+  return out
+
+
+def clear_unread_settings(saved: dict) -> dict:
+  """A saved run config with the data settings its source never read at their defaults:
+  runs saved before they were refused (`validate`) load, resume and compare as what they
+  were (the settings had no effect)."""
+  data = dict(saved.get("data") or {})
+  for field, (_, default, _) in _unread_data_settings(data).items():
+    data[field] = default
+  return {**saved, "data": data} if "data" in saved else saved
 
 
 class Family:

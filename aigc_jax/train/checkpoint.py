@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import zlib
 
 import jax
@@ -227,10 +228,10 @@ class Checkpointer:
       except UnknownChecksumAlgorithm:
         raise  # a newer aigc_jax's checkpoint: falling back would train over it
       except Exception as e:  # noqa: BLE001 - any failure means "not this checkpoint"
-        if step is None and not os.path.isdir(os.path.join(self.directory, str(candidate))):
+        if step is None and self._rotated_away(candidate):
           # Removed while we read it: a training run rotating its checkpoints, not damage.
           # Newer steps may have been saved meanwhile: list them again.
-          self._manager.reload()
+          self._reload()
           continue
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         failures.append(f"step {candidate}: {reason}")
@@ -258,6 +259,28 @@ class Checkpointer:
             if self.read_only else "the damaged step folders are kept as STEP.damaged")
     raise UserError(f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
                     + f". {kept}: restore them, or start over in a new --workdir")
+
+  def _rotated_away(self, step: int, wait: float = 2.0) -> bool:
+    """Whether `step`'s folder is gone, or (a reader: a training run may be deleting it
+    file by file) goes within `wait` seconds."""
+    folder = os.path.join(self.directory, str(step))
+    deadline = time.monotonic() + (wait if self.read_only else 0.0)
+    while os.path.isdir(folder):
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.1)
+    return True
+
+  def _reload(self, attempts: int = 20) -> None:
+    """Lists the steps again (a step deleted while Orbax lists them: try again)."""
+    for attempt in range(attempts):
+      try:
+        self._manager.reload()
+        return
+      except FileNotFoundError:
+        if attempt == attempts - 1:
+          raise
+        time.sleep(0.1)
 
   def saved_config(self) -> tuple[dict, int] | None:
     """(config, step): the config saved with the newest checkpoint whose copy is intact
@@ -288,10 +311,14 @@ class Checkpointer:
     path = os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA")
     try:
       with open(path) as f:
-        return list(json.load(f)["item_handlers"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        handlers = json.load(f).get("item_handlers")
+    except (OSError, ValueError, AttributeError) as e:
       raise ChecksumMismatch(f"its list of items ({os.path.basename(path)}) is missing or "
                              "unreadable") from e
+    if not isinstance(handlers, dict):  # an Orbax that recorded no items: the folders are
+      return sorted(name for name in ("state", "data", "config", "checksums")  # the list
+                    if os.path.isdir(os.path.join(self.directory, str(step), name)))
+    return list(handlers)
 
   def _move_aside(self, step: int) -> str:
     """Renames the folder of `step` to STEP.damaged (STEP.damaged.N if taken); returns

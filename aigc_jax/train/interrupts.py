@@ -3,37 +3,56 @@ stop handlers (`train.preemption.stop_requests`).
 
 Python's default turns SIGINT into a KeyboardInterrupt wherever the main thread happens
 to be: inside a garbage-collection callback of JAX's it is printed and ignored (the run
-carries on), inside Orbax's or XLA's threads' callbacks the process can end in a crash.
-Instead, `take_over` installs a handler that never raises: commands that change nothing
-(eval, sample, export) end at once with status 128 + the signal; a training command
+carries on), inside Orbax's or XLA's callbacks the process can end in a crash. Instead,
+`take_over` installs a handler that never raises: commands that only read a run (eval,
+sample) end at once with status 128 + the signal (130 for Ctrl-C); a training command
 notes the signal, and its run honours it at its first chance (before opening the run,
-after restoring, after compiling) by stopping with status 75. Only the standard library
-is imported here, so the CLI can call it before anything heavy loads.
+after restoring, after compiling) by stopping with status 75; a second signal while it
+starts ends it at once. Only the standard library is imported here, so the CLI can call
+it before anything heavy loads.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _pending: list[int] = []  # signals noted for a training run, oldest first
 
 
-def take_over(*, exit_now: bool) -> None:
-  """Installs the handler for SIGINT and SIGTERM, then lets signals held by `hold` (for
-  instance across the CLI's restart of itself) arrive."""
+def exit_at_once(signum: int, message: str) -> None:
+  """Ends the process now with status 128 + `signum`, after `message` on stderr (what was
+  printed to stdout is flushed first)."""
+  try:
+    sys.stdout.flush()
+  except Exception:  # noqa: BLE001 - interrupted mid-write: the rest is lost either way
+    pass
+  os.write(2, message.encode() + b"\n")
+  os._exit(128 + signum)
+
+
+def take_over(*, exit_now: bool) -> dict:
+  """Installs the handler for SIGINT and SIGTERM (main thread only); returns the previous
+  handlers, for `restore`."""
 
   def handler(signum, _frame):
     if exit_now:
-      os.write(2, b"interrupted: nothing of the run was changed\n")
-      os._exit(128 + signum)
-    if not _pending:
-      _pending.append(signum)
+      exit_at_once(signum, "interrupted: nothing of the run was changed")
+    if _pending:  # a second request while the run starts: do not make the user wait
+      exit_at_once(signum, "interrupted again while starting: stopped at once, before any "
+                   "training step; re-run the same command to resume")
+    _pending.append(signum)
 
-  for s in SIGNALS:
+  return {s: signal.signal(s, handler) for s in SIGNALS}
+
+
+def restore(previous: dict) -> None:
+  """Puts back the handlers `take_over` replaced, and forgets a noted signal."""
+  for s, handler in previous.items():
     signal.signal(s, handler)
-  release()
+  _pending.clear()
 
 
 def hold() -> None:

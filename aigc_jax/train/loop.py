@@ -68,16 +68,17 @@ def prepare_workdir(workdir: str) -> str:
 # they are (the layer layout, `scan_layers`, changes the parameters' shapes: not here).
 RUNTIME_MODEL_KEYS = ("attention", "remat", "remat_policy", "logits_chunk", "dtype", "dropout",
                       "max_seq_len")
-# Data settings that say where the data are, not what they are: a resume may move them
-# (the training data's fingerprint, checked on resume, says whether they are the same).
-DATA_LOCATION_KEYS = ("path", "val_path", "tfds_data_dir")
+# Data settings that say where the data are and how they are read, not what they are: a
+# resume may change them (the training data's fingerprint, checked on resume, says whether
+# the data are the same), e.g. to move a corpus or to name its encoding.
+DATA_READING_KEYS = ("path", "val_path", "tfds_data_dir", "encoding")
 
 
 def fixed_differences(old, new) -> list[str]:
   """The differences ("field: old -> new") between two run configs in the settings a
   checkpoint depends on: the family, the seed, the parameters' shapes and the data."""
   free = ({f"model.{key}" for key in RUNTIME_MODEL_KEYS}
-          | {f"data.{key}" for key in DATA_LOCATION_KEYS})
+          | {f"data.{key}" for key in DATA_READING_KEYS})
   return [f for section in ("family", "seed", "model", "data")
           for f in config_lib.differing_fields({section: old.get(section)},
                                                {section: new.get(section)})
@@ -87,8 +88,8 @@ def fixed_differences(old, new) -> list[str]:
 def _check_resume_config(config, workdir: str, module, checkpointer) -> None:
   """A resumed run must build the same parameters on the same data as the checkpoint it
   resumes (its own copy of the config decides, whatever config.json says); the
-  schedule, the mesh, the model's runtime settings (RUNTIME_MODEL_KEYS) and the data's
-  location (DATA_LOCATION_KEYS) may change."""
+  schedule, the mesh, the model's runtime settings (RUNTIME_MODEL_KEYS) and how the data
+  are found and read (DATA_READING_KEYS) may change."""
   saved = checkpointer.saved_config() if checkpointer.all_steps() else None
   if saved is not None:
     old, what = config_lib.complete_config(saved[0], module), f"step {saved[1]}'s checkpoint"
@@ -113,7 +114,27 @@ def _check_read_config(config, workdir: str, module, checkpointer) -> None:
   if fixed:
     raise UserError(f"{os.path.join(workdir, 'config.json')} differs from the config saved "
                     f"with the checkpoint of step {saved[1]} ({'; '.join(fixed)}): undo the "
-                    "edit, or delete config.json to use the checkpoint's copy")
+                    "edit, or delete config.json to use the checkpoint's copy (of a run you "
+                    "cannot write: copy its folder)")
+
+
+def on_every_process(check) -> None:
+  """Runs `check()`, a start-up check that may raise UserError. With several processes
+  they agree first: if it failed on any, it raises on every one (a process that went on
+  alone would wait forever in the first step's collectives)."""
+  error = None
+  try:
+    check()
+  except UserError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is None and failed.any():
+      error = UserError(f"process {int(np.argmax(failed))} refused to start (its error "
+                        "names the problem): see its output")
+  if error is not None:
+    raise error
 
 
 def check_data_fingerprint(saved: dict, current: dict, workdir: str) -> None:
@@ -164,11 +185,12 @@ class Run:
     # The state and batch are on the devices already (counted as in use).
     if plan_lib.reports_memory(self.mesh):
       memory = plan_lib.compiled_memory(compiled)
-      plan_lib.check_fits(memory, resident=memory["argument_bytes"])
+      on_every_process(lambda: plan_lib.check_fits(memory, resident=memory["argument_bytes"]))
     elif jax.default_backend() == "cpu":  # CPU devices share the host's memory
       memory = plan_lib.compiled_memory(compiled)
       local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
-      plan_lib.check_fits_host(memory, local, resident=memory["argument_bytes"])
+      on_every_process(lambda: plan_lib.check_fits_host(memory, local,
+                                                        resident=memory["argument_bytes"]))
     return compiled
 
   def put_batch(self, batch):
@@ -243,7 +265,8 @@ def open_run(config, workdir: str, *, for_training: bool, family=None) -> Run:
     # initial state is never built beside the restored one.
     state, data_state, _ = checkpointer.restore(init.restore_target())
     if for_training:
-      check_data_fingerprint(data_state, train_data.get_state(), workdir)
+      on_every_process(lambda: check_data_fingerprint(data_state, train_data.get_state(),
+                                                      workdir))
     train_data.set_state(data_state)
   elif not for_training:
     raise UserError(f"no checkpoint in {workdir}/checkpoints: train first "
@@ -350,8 +373,15 @@ def _write_samples(run: Run, state, step: int) -> None:
   hosts and no process may gather it, so samples are not written during training (say so
   once); `aigc-jax sample` on one host writes them from the checkpoint."""
   if jax.process_count() == 1:
-    with run.sharded():
-      run.family.write_samples(state, step, run.workdir)
+    try:
+      with run.sharded():
+        run.family.write_samples(state, step, run.workdir)
+    except OSError as e:  # the step's checkpoint is already saved (see _run_steps)
+      where = e.filename or os.path.join(run.workdir, "samples")
+      raise UserError(f"cannot write the samples of step {step} to {where} "
+                      f"({e.strerror or e}); the checkpoint of step {step} is saved: free "
+                      "disk space or fix the folder's permissions, then re-run the same "
+                      "command to resume") from e
   elif jax.process_index() == 0 and not getattr(run, "_warned_samples", False):
     run._warned_samples = True
     print("note: samples are not written during a multi-process run; run `aigc-jax sample "
@@ -406,6 +436,7 @@ def _run_steps(run: Run, writer: MetricsWriter, progress: bool | None,
   step_fn = run.compile_train_step(batch)
   summary["compile_seconds"] = time.perf_counter() - t0
   stop.during_start_up(start)
+  stop.begin_training()
 
   config_dict = config.to_dict()
   bar = tqdm(total=total, initial=start, desc=family.name, unit="step", dynamic_ncols=True,

@@ -313,11 +313,7 @@ def plot_curves(workdir: str, keys=("loss",), filename: str = "loss.png") -> str
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with replaced_atomically(out) as tmp:  # readers never see half a picture
       fig.savefig(tmp, dpi=100, format="png")
-  except OSError as e:
-    try:
-      os.remove(out + ".tmp")
-    except OSError:
-      pass
+  except OSError as e:  # replaced_atomically removed its temporary file
     raise UserError(f"cannot write the plot {out} ({e.strerror or e}): free disk space or "
                     "fix the permissions of that path") from e
   return out

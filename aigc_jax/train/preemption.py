@@ -42,6 +42,7 @@ class StopRequests:
   def __init__(self, multi_process: bool):
     self.multi_process = multi_process
     self.signum: int | None = None
+    self.training = False  # set by `begin_training` once the run's first step is near
 
   def _on_signal(self, signum, _frame) -> None:
     if self.multi_process:
@@ -49,6 +50,13 @@ class StopRequests:
       os.kill(os.getpid(), signal.SIGTERM)  # to the coordination service's notifier
     elif self.signum is None:
       self.signum = signum
+    elif not self.training:  # a second request while the run starts: stop at once
+      interrupts.exit_at_once(signum, "interrupted again while starting: stopped at once, "
+                              "before any training step; re-run the same command to resume")
+
+  def begin_training(self) -> None:
+    """From here a request is honoured after the current step (with a checkpoint)."""
+    self.training = True
 
   def during_start_up(self, step: int | None) -> None:
     """Raises Preempted(saved=False) if this process was asked to stop before training
@@ -73,13 +81,13 @@ def stop_requests():
   """Installs the handlers for the duration of a run (main thread only; elsewhere
   signals keep their handlers)."""
   stop = StopRequests(multi_process=jax.process_count() > 1)
-  early = interrupts.take_pending()  # a Ctrl-C while the command started (CLI)
   if threading.current_thread() is not threading.main_thread():
     yield stop
     return
   # With several processes SIGTERM stays with JAX's notifier; SIGINT is forwarded to it.
   signals = (signal.SIGINT,) if stop.multi_process else (signal.SIGTERM, signal.SIGINT)
   previous = {s: signal.signal(s, stop._on_signal) for s in signals}
+  early = interrupts.take_pending()  # a Ctrl-C while the command started (CLI)
   if early is not None:
     stop._on_signal(early, None)
   try:

@@ -116,3 +116,33 @@ def test_ema_decay_warms_up_then_holds():
   decays = [float(ema_decay(0.999, jax.numpy.int32(s))) for s in (0, 10, 100, 100000)]
   assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(11 / 20)
   assert decays[2] == pytest.approx(101 / 110) and decays[3] == pytest.approx(0.999)
+
+
+def test_the_ema_generator_normalises_with_its_own_batchnorm_statistics(gan_config):
+  """The EMA weights' statistics (`ema_stats`) are the batch statistics of the EMA
+  generator's own activations: in evaluation mode it reproduces its training-mode output
+  on those noise vectors. The raw generator's running statistics (what evaluation used
+  before) do not: they belong to other weights."""
+  family = Family(gan_config, None)
+  state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
+  train_step = jax.jit(family.train_step)
+  for i in range(30):  # raw running statistics of a generator that has trained
+    state, _ = train_step(state, family.train_data.batch(i))
+  # An average of the weights that differs from the raw ones, as an EMA does.
+  ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.extra["ema"], state.params["g"])
+  stats = jax.jit(family.ema_stats)(ema, state.extra["g_stats"])
+  z = jax.random.normal(jax.random.PRNGKey(gan_config.seed + 5),
+                        (family.EMA_STATS_SAMPLES, gan_config.model.z_dim))
+  with_batch_stats, _ = family._generate(ema, stats, z, True)
+  with_own_stats, _ = family._generate(ema, stats, z, False)
+  with_raw_stats, _ = family._generate(ema, state.extra["g_stats"], z, False)
+  error = lambda a: float(np.abs(np.asarray(a) - np.asarray(with_batch_stats)).max())
+  assert error(with_own_stats) < 2e-5
+  assert error(with_raw_stats) > 0.01 and error(with_raw_stats) > 300 * error(with_own_stats)
+  # Samples use them: the grid equals the EMA generator normalised by its own statistics.
+  state = state.replace(extra={**state.extra, "ema": ema})
+  images = family.sample_images(state, 8, seed=3)
+  z8 = jax.random.normal(jax.random.PRNGKey(3), (8, gan_config.model.z_dim))
+  expected = family._generate(ema, stats, z8, False)[0]
+  np.testing.assert_array_equal(images, np.round((np.asarray(expected) + 1) * 127.5)
+                                .clip(0, 255).astype(np.uint8))

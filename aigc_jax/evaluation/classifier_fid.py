@@ -59,18 +59,32 @@ class ClassifierFid:
   test_stats: GaussianStats
   fid_floor: float
   num_samples: int  # generated images per estimate (= real train images in the floor)
-  _features: object  # jitted (params, images) -> features
+  _forward: object  # jitted (params, images) -> (features, logits)
   _params: object
 
-  def features(self, images_u8: np.ndarray) -> np.ndarray:
-    """uint8 images [N, H, W, C] -> float32 features [N, FEATURE_DIM]."""
+  def _apply(self, images_u8: np.ndarray, output: int) -> np.ndarray:
     out = []
     for start in range(0, len(images_u8), _CHUNK):
       chunk = images_u8[start:start + _CHUNK]
       padded = np.concatenate([chunk, np.zeros((_CHUNK - len(chunk), *chunk.shape[1:]),
                                                 chunk.dtype)]) if len(chunk) < _CHUNK else chunk
-      out.append(np.asarray(self._features(self._params, to_unit_range(padded)))[:len(chunk)])
+      result = self._forward(self._params, to_unit_range(padded))[output]
+      out.append(np.asarray(result)[:len(chunk)])
     return np.concatenate(out)
+
+  def features(self, images_u8: np.ndarray) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> float32 features [N, FEATURE_DIM]."""
+    return self._apply(images_u8, 0)
+
+  def predict(self, images_u8: np.ndarray) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> the classifier's class ids [N]."""
+    return self._apply(images_u8, 1).argmax(-1)
+
+  def class_shares(self, images_u8: np.ndarray, num_classes: int) -> np.ndarray:
+    """float64 [num_classes]: the share of the images the classifier puts in each class
+    (mode dropping shows as classes far below the data's share)."""
+    counts = np.bincount(self.predict(images_u8), minlength=num_classes)
+    return counts / max(1, counts.sum())
 
   def fid(self, images_u8: np.ndarray) -> float:
     """fid_classifier of generated uint8 images against the real test set."""
@@ -163,8 +177,8 @@ def load_or_train(dataset: ImageDataset, cache_dir: str | None, *, num_samples: 
   else:
     params, meta = cached
 
-  features_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x)[0])
-  logits_fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x)[1])
+  forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))
+  logits_fn = lambda params, x: forward(params, x)[1]
   if meta is None:
     correct = 0
     for start in range(0, len(dataset.test_images), _CHUNK):
@@ -181,7 +195,7 @@ def load_or_train(dataset: ImageDataset, cache_dir: str | None, *, num_samples: 
                         "next time", path, e.strerror or e)
 
   n = min(num_samples, len(dataset.test_images))
-  evaluator = ClassifierFid(dataset.name, meta["test_accuracy"], None, 0.0, n, features_fn,
+  evaluator = ClassifierFid(dataset.name, meta["test_accuracy"], None, 0.0, n, forward,
                             params)
   evaluator.test_stats = feature_stats(evaluator.features(dataset.test_images))
   train_idx = np.random.default_rng(seed).choice(len(dataset.train_images), n, replace=False)

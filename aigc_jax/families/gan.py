@@ -16,6 +16,7 @@ from flax import nnx
 
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
+from aigc_jax.evaluation.spectrum import nyquist_energy
 from aigc_jax.families import image_sampling
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
@@ -219,13 +220,34 @@ class Family:
     metrics = {**d_metrics, "g_loss": g_loss}  # D's metrics from its last update
     return new_state, metrics
 
+  # Noise vectors from which the EMA generator's BatchNorm statistics are measured.
+  EMA_STATS_SAMPLES = 1024
+
+  def ema_stats(self, ema_params, g_stats):
+    """The BatchNorm statistics that belong to the EMA weights: the batch mean and
+    variance of the EMA generator's own activations over EMA_STATS_SAMPLES fixed noise
+    vectors. The running averages in the state follow the raw generator's weights (they
+    are averaged over its training batches), which the EMA weights' activations do not
+    match. Pure and cheap (one forward pass): computed wherever the EMA generator runs."""
+    if not jax.tree.leaves(g_stats):  # no BatchNorm (g_norm='none')
+      return g_stats
+    g = _merge_module(self.g_graphdef, ema_params, g_stats, train=True)
+    for _, module in nnx.iter_graph(g):
+      if isinstance(module, nnx.BatchNorm):
+        module.momentum = 0.0  # the running statistics become this batch's
+    z = jax.random.normal(jax.random.PRNGKey(self.config.seed + 5),
+                          (self.EMA_STATS_SAMPLES, self.gan_cfg.z_dim))
+    g(constrain(z, ("act_batch", None)))
+    return nnx.to_pure_dict(nnx.state(g, nnx.BatchStat))
+
   def eval_step(self, state: TrainState, batch) -> dict:
     """The discriminator's loss on held-out real images against fakes of the EMA
     generator (summed over examples)."""
     real = batch["images"]
     B = real.shape[0]
     z = jax.random.normal(jax.random.PRNGKey(self.config.seed + 7), (B, self.gan_cfg.z_dim))
-    fake, _ = self._generate(state.extra["ema"], state.extra["g_stats"], z, False)
+    stats = self.ema_stats(state.extra["ema"], state.extra["g_stats"])
+    fake, _ = self._generate(state.extra["ema"], stats, z, False)
     d_params, d_stats = state.params["d"], state.extra["d_stats"]
     real_logits, _ = self._discriminate(d_params, d_stats, real, False)
     fake_logits, _ = self._discriminate(d_params, d_stats, fake, False)
@@ -246,19 +268,40 @@ class Family:
 
   def sample_metrics(self, state: TrainState) -> dict:
     """fid_classifier of the EMA generator (fixed noise) with its floor and the
-    classifier's test accuracy."""
+    classifier's test accuracy; beside it, what FID can hide: the classes the samples
+    fall in (by the same classifier), as the lowest and highest ratio of a class's share
+    to its share of the test set (1: as the data; near 0: a class dropped), and the
+    samples' power at the Nyquist frequency over the test set's (`nyquist_ratio`; a
+    checkerboard texture raises it)."""
     if self.config.fid.samples == 0:
       return {}
     fid = self.fid_evaluator
     images = self.sample_images(state, fid.num_samples, seed=self.config.seed + 11)
-    return {"fid_classifier": fid.fid(images), **fid.summary()}
+    test_labels = self.dataset.test_labels
+    classes = self.dataset.num_classes
+    data_shares = np.bincount(test_labels, minlength=classes) / len(test_labels)
+    present = data_shares > 0
+    ratios = fid.class_shares(images, classes)[present] / data_shares[present]
+    metrics = {"fid_classifier": fid.fid(images), **fid.summary(),
+               "class_share_min_ratio": float(ratios.min()),
+               "class_share_max_ratio": float(ratios.max())}
+    if self._data_nyquist_energy:
+      metrics["nyquist_ratio"] = nyquist_energy(images) / self._data_nyquist_energy
+    return metrics
+
+  @functools.cached_property
+  def _data_nyquist_energy(self) -> float:
+    """The test set's share of power at the Nyquist frequency (0.0: odd image sides)."""
+    H, W, _ = self.gan_cfg.image_shape
+    return 0.0 if H % 2 or W % 2 else nyquist_energy(self.dataset.test_images)
 
   # --- samples ----------------------------------------------------------------------
   SAMPLE_CHUNK = 500  # images per compiled generator call, so memory stays bounded
 
   def sample_images(self, state: TrainState, num: int, seed: int) -> np.ndarray:
-    """uint8 [num, H, W, C] from the EMA generator (the same images for a seed, however
-    many are drawn at a time)."""
+    """uint8 [num, H, W, C] from the EMA generator with its own BatchNorm statistics
+    (`ema_stats`; the same images for a seed, however many are drawn at a time)."""
+    stats = self._ema_stats_fn(state.extra["ema"], state.extra["g_stats"])
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.gan_cfg.z_dim))
     chunk = min(num, self.SAMPLE_CHUNK)
     out = []
@@ -267,9 +310,12 @@ class Family:
       n = z_chunk.shape[0]
       if n < chunk:  # pad, so one compilation serves every chunk
         z_chunk = jnp.concatenate([z_chunk, jnp.zeros((chunk - n, z.shape[1]))])
-      out.append(np.asarray(self._sample_fn(state.extra["ema"], state.extra["g_stats"],
-                                            z_chunk))[:n])
+      out.append(np.asarray(self._sample_fn(state.extra["ema"], stats, z_chunk))[:n])
     return np.concatenate(out)
+
+  @functools.cached_property
+  def _ema_stats_fn(self):
+    return jax.jit(self.ema_stats)
 
   @functools.cached_property
   def _sample_fn(self):

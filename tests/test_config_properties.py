@@ -77,7 +77,11 @@ def test_values_of_the_default_kind_pass_and_round_trip(tmp_path, family, data):
     _set(cfg, field, value)
   check_against_defaults(cfg, FAMILIES[family].default_config())
   save_config(cfg, str(tmp_path))
-  assert differing_fields(cfg.to_dict(), load_config(str(tmp_path)).to_dict()) == []
+  expected = cfg.to_dict()
+  module = FAMILIES[family]
+  if hasattr(module, "clear_unread_settings"):  # loading resets what the run never read
+    expected = module.clear_unread_settings(expected)
+  assert differing_fields(expected, load_config(str(tmp_path)).to_dict()) == []
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -146,3 +146,33 @@ def test_the_ema_generator_normalises_with_its_own_batchnorm_statistics(gan_conf
   expected = family._generate(ema, stats, z8, False)[0]
   np.testing.assert_array_equal(images, np.round((np.asarray(expected) + 1) * 127.5)
                                 .clip(0, 255).astype(np.uint8))
+
+
+def test_recipe_options_dropout_kernel_activation_and_epoch_order(gan_config):
+  """The classic DCGAN's choices as options: D dropout (a pure function of the step's
+  key: the same step twice is bit-identical, and it changes D's outputs), 5x5 kernels in
+  D, LeakyReLU in G, and shuffled epochs (every training image once per epoch)."""
+  from aigc_jax.data.images import ImageBatches
+  gan_config.model.update(d_dropout=0.3, d_kernel=5, g_activation="leaky_relu")
+  gan_config.data.order = "epochs"
+  prepare_config(gan_config)
+  family = Family(gan_config, None)
+  state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
+  assert state.params["d"]["convs"][0]["kernel"].shape[:2] == (5, 5)
+  step = jax.jit(family.train_step)
+  batch = family.train_data.batch(0)
+  (a, metrics), (b, _) = step(state, batch), step(state, batch)
+  assert not changed(a.params, b.params) and np.isfinite(float(metrics["d_loss"]))
+  images = batch["images"]
+  plain, _ = family._discriminate(state.params["d"], state.extra["d_stats"], images, False)
+  dropped, _ = family._discriminate(state.params["d"], state.extra["d_stats"], images, False,
+                                    jax.random.PRNGKey(1))
+  assert not np.allclose(plain, dropped)
+  # Epochs: batch rows are a fresh permutation of every index each epoch.
+  size, per_batch = 40, 8
+  order = ImageBatches(family.dataset.train_images[:size], np.arange(size), per_batch,
+                       seed=3, order="epochs")
+  epochs = [np.concatenate([order.batch(e * 5 + i)["labels"] for i in range(5)])
+            for e in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(size))
+  assert list(epochs[0]) != list(epochs[1])

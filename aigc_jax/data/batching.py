@@ -115,6 +115,28 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int,
           for i in range(0, n, batch_size)]
 
 
+class EpochOrder:
+  """Which rows make batch i when every example is seen once per epoch, in an order
+  permuted afresh each epoch from (seed, epoch): a pure function of (seed, i)."""
+
+  def __init__(self, size: int, batch_size: int, seed: int):
+    self.size, self.batch_size, self.seed = size, batch_size, seed
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 2:  # a batch spans at most two epochs
+        self._perms.pop(min(self._perms))
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+    return self._perms[epoch]
+
+  def rows(self, index: int, part: slice = slice(None)) -> np.ndarray:
+    """int [B] (or its `part`): rows index*B .. index*B + B - 1 of the epoch order."""
+    positions = (index * self.batch_size + np.arange(self.batch_size))[part]
+    return np.asarray([self._permutation(int(p) // self.size)[int(p) % self.size]
+                       for p in positions], np.int64)
+
+
 class ExampleBatches(SeededBatches):
   """Batches of whole examples (rows of equal-length arrays), in epochs: every example is
   seen once per epoch, in an order permuted afresh each epoch from (seed, epoch).
@@ -128,21 +150,12 @@ class ExampleBatches(SeededBatches):
       raise UserError("the training examples are empty (or their fields differ in length)")
     self.arrays, self.batch_size, self.seed, self.next_index = arrays, batch_size, seed, 0
     self.size = len(next(iter(arrays.values())))
-    self._perms: dict[int, np.ndarray] = {}
+    self._order = EpochOrder(self.size, batch_size, seed)
 
   def source_arrays(self) -> dict[str, np.ndarray]:
     return self.arrays
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      if len(self._perms) >= 2:  # a batch spans at most two epochs
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-    return self._perms[epoch]
-
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """{key: [B, ...]}: rows index*B .. index*B + B - 1 of the epoch-permuted order."""
-    positions = (index * self.batch_size + np.arange(self.batch_size))[self.rows]
-    rows = np.asarray([self._permutation(int(p) // self.size)[int(p) % self.size]
-                       for p in positions])
+    rows = self._order.rows(index, self.rows)
     return {k: v[rows] for k, v in self.arrays.items()}

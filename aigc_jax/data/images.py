@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aigc_jax.data.batching import SeededBatches
+from aigc_jax.data.batching import EpochOrder, SeededBatches
 from aigc_jax.errors import UserError
 from aigc_jax.files import replaced_atomically
 
@@ -276,9 +276,15 @@ def load_image_dataset(data_cfg, image_shape: tuple[int, int, int]) -> ImageData
   return d
 
 
+# How training batches are drawn: `random` (each batch B images drawn with replacement)
+# or `epochs` (every image once per epoch, in a fresh shuffled order each epoch).
+BATCH_ORDERS = ("random", "epochs")
+
+
 def image_data_config() -> dict:
   """The `data` config section every image family shares."""
   return dict(name="fashion_mnist",  # fashion_mnist | mnist5k | digits | tfds
+              order="random",  # random | epochs (BATCH_ORDERS)
               path="",  # fashion_mnist: folder of IDX files (default: Debian's location)
               tfds_name="",  # tfds: a prepared image dataset, e.g. cifar10, stl10
               tfds_data_dir="", tfds_train_split="train", tfds_test_split="test")
@@ -289,6 +295,8 @@ def validate_image_data_config(c) -> None:
   from aigc_jax.config import require
   require(c.data.name in IMAGE_DATASETS, "data.name",
           f"must be one of {sorted(IMAGE_DATASETS)}, got {c.data.name!r}")
+  require(c.data.get("order", "random") in BATCH_ORDERS, "data.order",
+          f"must be one of {BATCH_ORDERS}, got {c.data.get('order')!r}")
   require(c.data.name != "tfds" or c.data.tfds_name, "data.tfds_name",
           "must name a prepared tfds image dataset when data.name='tfds', e.g. 'cifar10'")
 
@@ -330,11 +338,16 @@ class ImageBatches(SeededBatches):
   """Seeded random-access batches: batch(i) = {"images": [B, H, W, C] float32 in [-1, 1],
   "labels": [B] int32}; the position is the index of the next batch."""
 
-  def __init__(self, images_u8: np.ndarray, labels: np.ndarray, batch_size: int, seed: int):
+  def __init__(self, images_u8: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+               order: str = "random"):
     if len(images_u8) < 1:
       raise UserError("the image dataset is empty")
+    if order not in BATCH_ORDERS:
+      raise UserError(f"config 'data.order' must be one of {BATCH_ORDERS}, got {order!r}")
     self.images, self.labels = images_u8, labels
     self.batch_size, self.seed, self.next_index = batch_size, seed, 0
+    self._epochs = (EpochOrder(len(images_u8), batch_size, seed) if order == "epochs"
+                    else None)
 
   def source_arrays(self) -> dict[str, np.ndarray]:
     return {"images": self.images, "labels": self.labels}
@@ -342,6 +355,9 @@ class ImageBatches(SeededBatches):
   def batch(self, index: int) -> dict[str, np.ndarray]:
     """{"images": [B, H, W, C] float32 in [-1, 1], "labels": [B] int32}, drawn from
     (seed, index)."""
-    idx = np.random.default_rng([self.seed, index]).integers(0, len(self.images),
-                                                             size=self.batch_size)[self.rows]
+    if self._epochs is not None:
+      idx = self._epochs.rows(index, self.rows)
+    else:
+      idx = np.random.default_rng([self.seed, index]).integers(0, len(self.images),
+                                                               size=self.batch_size)[self.rows]
     return {"images": to_unit_range(self.images[idx]), "labels": self.labels[idx]}

@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(arch="dcgan", image_size=28, channels=1, z_dim=64, width=64, depth=0,
                  g_norm="batch", d_norm="none",
+                 g_activation="relu",  # relu | leaky_relu
+                 d_kernel=4,  # D's strided convolutions: 4x4 (or 5x5, as TF's DCGAN)
+                 d_dropout=0.0,  # dropout after each of D's activations (TF's DCGAN: 0.3)
                  dtype="float32")  # compute dtype: float32 | bfloat16 | float16
   c.data = image_data.image_data_config()
   c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan
@@ -125,7 +128,8 @@ class Family:
   @functools.cached_property
   def train_data(self) -> image_data.ImageBatches:
     return image_data.ImageBatches(self.dataset.train_images, self.dataset.train_labels,
-                                   self.config.train.batch_size, self.config.seed)
+                                   self.config.train.batch_size, self.config.seed,
+                                   self.config.data.order)
 
   def eval_batches(self):
     if not hasattr(self, "_eval_batches"):
@@ -155,9 +159,14 @@ class Family:
     images = g(z_BZ)
     return images, nnx.to_pure_dict(nnx.state(g, nnx.BatchStat))
 
-  def _discriminate(self, d_params, d_stats, images, train: bool):
+  def _dropout_key(self, rng: jax.Array, i: int) -> jax.Array | None:
+    """D's dropout key for update `i` of a step (None without `model.d_dropout`); apart
+    from the noise's keys, so a run without dropout draws what it always drew."""
+    return jax.random.fold_in(rng, 1_000 + i) if self.gan_cfg.d_dropout > 0 else None
+
+  def _discriminate(self, d_params, d_stats, images, train: bool, dropout_key=None):
     d = _merge_module(self.d_graphdef, d_params, d_stats, train)
-    logits = d(images)
+    logits = d(images, dropout_key)
     return logits, nnx.to_pure_dict(nnx.state(d, nnx.BatchStat))
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -176,7 +185,9 @@ class Family:
 
       def loss_fn(d_params):
         d = _merge_module(self.d_graphdef, d_params, d_stats, train=True)
-        real_logits, fake_logits = d(real), d(fake)
+        k_drop = self._dropout_key(rng, i)
+        k_real, k_fake = (None, None) if k_drop is None else jax.random.split(k_drop)
+        real_logits, fake_logits = d(real, k_real), d(fake, k_fake)
         loss = gan_losses.d_loss(lc.name, real_logits, fake_logits, lc.label_smoothing)
         penalty = jnp.float32(0.0)
         if lc.gp_weight > 0:  # the penalties read D's statistics, never write them
@@ -204,7 +215,9 @@ class Family:
 
     def g_loss_fn(g_params):
       fake, new_g_stats = self._generate(g_params, g_stats, z, True)
-      logits, _ = self._discriminate(d_params, d_stats, fake, False)
+      # D as in its own update (dropout on, as TF's DCGAN does), its state read only.
+      logits, _ = self._discriminate(d_params, d_stats, fake, False,
+                                     self._dropout_key(rng, lc.n_critic))
       return gan_losses.g_loss(lc.name, logits), new_g_stats
 
     (g_loss, new_g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)

@@ -128,7 +128,8 @@ class Family:
   @functools.cached_property
   def train_data(self) -> image_data.ImageBatches:
     return image_data.ImageBatches(self.dataset.train_images, self.dataset.train_labels,
-                                   self.config.train.batch_size, self.config.seed)
+                                   self.config.train.batch_size, self.config.seed,
+                                   self.config.data.order)
 
   @property
   def bernoulli(self) -> bool:

@@ -24,6 +24,7 @@ from aigc_jax.nn.upsample import UpConv2x
 
 ARCHITECTURES = ("dcgan", "mlp")
 G_NORMS = ("batch", "none")
+G_ACTIVATIONS = ("relu", "leaky_relu")
 D_NORMS = ("none", "spectral", "layer")
 
 
@@ -41,12 +42,16 @@ class GanConfig:
   depth: int = 0  # DCGAN: extra stride-1 3x3 conv blocks at each resolution of G and D
   g_norm: str = "batch"
   d_norm: str = "none"
+  g_activation: str = "relu"  # G's hidden activation: relu | leaky_relu (slope 0.2)
+  d_kernel: int = 4  # DCGAN: the side of D's strided convolutions (4, or 5 as in TF's DCGAN)
+  d_dropout: float = 0.0  # dropout rate after each of D's activations (training only)
   dtype: str = "float32"  # compute dtype; parameters, losses and outputs stay float32
 
   def __post_init__(self):
     for field, value, choices in (("arch", self.arch, ARCHITECTURES),
                                   ("g_norm", self.g_norm, G_NORMS),
-                                  ("d_norm", self.d_norm, D_NORMS)):
+                                  ("d_norm", self.d_norm, D_NORMS),
+                                  ("g_activation", self.g_activation, G_ACTIVATIONS)):
       if value not in choices:
         raise UserError(f"config 'model.{field}' must be one of {choices}, got {value!r}")
     for field in ("image_size", "channels", "z_dim", "width"):
@@ -57,6 +62,10 @@ class GanConfig:
                       f"{self.dtype!r}")
     if self.depth < 0:
       raise UserError(f"config 'model.depth' must be >= 0, got {self.depth}")
+    if self.d_kernel not in (3, 4, 5):
+      raise UserError(f"config 'model.d_kernel' must be 3, 4 or 5, got {self.d_kernel}")
+    if not 0 <= self.d_dropout < 1:
+      raise UserError(f"config 'model.d_dropout' must be in [0, 1), got {self.d_dropout}")
     if self.arch == "dcgan":
       upsampling_plan(self.image_size)
 
@@ -122,6 +131,19 @@ class SpectralNormConv(nnx.Module):
     return y + self.conv.bias[...].astype(dtype)[None, None, None, :]
 
 
+def _generator_activation(cfg: GanConfig):
+  return nnx.relu if cfg.g_activation == "relu" else (lambda h: nnx.leaky_relu(h, 0.2))
+
+
+def dropout(h: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout of `h` with a given key (None or rate 0: the identity), so the
+  discriminator stays a pure function of (parameters, images, key)."""
+  if key is None or rate == 0:
+    return h
+  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+  return jnp.where(keep, h / (1.0 - rate), jnp.zeros_like(h))
+
+
 def _scalar_head(path: str) -> dict:
   """Logical names of a dense layer with one output (the critic's logit): kept whole."""
   return {f"{path}.kernel": ("dense_in", "out"), f"{path}.bias": ("out",)}
@@ -153,11 +175,12 @@ class DCGANGenerator(nnx.Module):
   def __call__(self, z_BZ: jax.Array) -> jax.Array:
     B = z_BZ.shape[0]
     normalize = lambda norm, h: h if norm is None else norm(h)
+    act = _generator_activation(self.cfg)
     h = self.project(z_BZ).reshape(B, self.base, self.base, -1)
     for i, up in enumerate(self.ups):
-      h = nnx.relu(normalize(self.norms[i], h))
+      h = act(normalize(self.norms[i], h))
       for conv, norm in self.blocks[i]:
-        h = nnx.relu(normalize(norm, conv(h)))
+        h = act(normalize(norm, conv(h)))
       h = up(h)
     return at_least_float32(jnp.tanh(h))
 
@@ -184,7 +207,7 @@ class DCGANDiscriminator(nnx.Module):
         return None
       return nnx.LayerNorm(c, reduction_axes=(1, 2, 3), feature_axes=-1, dtype=dtype, rngs=rngs)
 
-    self.convs = nnx.List([conv(widths[i], widths[i + 1], 4, 2) for i in range(k)])
+    self.convs = nnx.List([conv(widths[i], widths[i + 1], cfg.d_kernel, 2) for i in range(k)])
     self.norms = nnx.List([norm(widths[i + 1], first=i == 0) for i in range(k)])
     self.blocks = nnx.List([
         nnx.List([nnx.List([conv(widths[i + 1], widths[i + 1], 3, 1), norm(widths[i + 1])])
@@ -192,10 +215,16 @@ class DCGANDiscriminator(nnx.Module):
     self.head = nnx.Linear(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
     annotate_layers(self, _scalar_head("head"))
 
-  def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+  def __call__(self, images_BHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """`dropout_key`: applies `model.d_dropout` after every activation (None: none)."""
+    layers = len(self.convs) * (1 + self.cfg.depth)
+    keys = iter([None] * layers if dropout_key is None
+                else jax.random.split(dropout_key, layers))
+
     def layer(conv, norm, h):
       h = conv(h)
-      return nnx.leaky_relu(h if norm is None else norm(h), 0.2)
+      h = nnx.leaky_relu(h if norm is None else norm(h), 0.2)
+      return dropout(h, self.cfg.d_dropout, next(keys))
 
     h = images_BHWC
     for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
@@ -218,8 +247,9 @@ class MLPGenerator(nnx.Module):
     annotate_layers(self)
 
   def __call__(self, z_BZ: jax.Array) -> jax.Array:
-    h = nnx.relu(self.layers[0](z_BZ))
-    h = nnx.relu(self.layers[1](h))
+    act = _generator_activation(self.cfg)
+    h = act(self.layers[0](z_BZ))
+    h = act(self.layers[1](h))
     out = at_least_float32(jnp.tanh(self.layers[2](h)))
     return out.reshape(z_BZ.shape[0], *self.cfg.image_shape)
 
@@ -229,15 +259,19 @@ class MLPDiscriminator(nnx.Module):
 
   def __init__(self, cfg: GanConfig, *, rngs: nnx.Rngs):
     dtype = cfg.compute_dtype
+    self.cfg = cfg
     H, W, C = cfg.image_shape
     self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
                             nnx.Linear(cfg.width, 1, dtype=dtype, rngs=rngs)])
     annotate_layers(self, _scalar_head("layers.2"))
 
-  def __call__(self, images_BHWC: jax.Array) -> jax.Array:
+  def __call__(self, images_BHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """`dropout_key`: applies `model.d_dropout` after both activations (None: none)."""
+    keys = [None, None] if dropout_key is None else jax.random.split(dropout_key)
     h = nnx.leaky_relu(self.layers[0](images_BHWC.reshape(images_BHWC.shape[0], -1)), 0.2)
-    h = nnx.leaky_relu(self.layers[1](h), 0.2)
+    h = dropout(h, self.cfg.d_dropout, keys[0])
+    h = dropout(nnx.leaky_relu(self.layers[1](h), 0.2), self.cfg.d_dropout, keys[1])
     return at_least_float32(self.layers[2](h)[:, 0])
 
 

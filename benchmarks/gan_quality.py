@@ -44,28 +44,6 @@ GRID = 64  # images per sample grid (8x8)
 
 
 # --- scoring ----------------------------------------------------------------------------
-def class_logits_fn(evaluator, dataset):
-  """images uint8 [N, H, W, C] -> logits [N, classes] from the FID classifier's own head.
-  ClassifierFid keeps only the features function, so the head is applied through a
-  module rebuilt from its parameters (as load_or_train builds it)."""
-  import jax
-  from flax import nnx
-
-  from aigc_jax.data.images import to_unit_range
-  from aigc_jax.evaluation.classifier_fid import FeatureClassifier
-
-  abstract = nnx.eval_shape(lambda: FeatureClassifier(dataset.image_shape, dataset.num_classes,
-                                                      rngs=nnx.Rngs(0)))
-  graphdef = nnx.split(abstract)[0]
-  logits = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x)[1])
-
-  def fn(images_u8: np.ndarray, chunk: int = 500) -> np.ndarray:
-    return np.concatenate([np.asarray(logits(evaluator._params,
-                                             to_unit_range(images_u8[i:i + chunk])))
-                           for i in range(0, len(images_u8), chunk)])
-  return fn
-
-
 def class_shares(labels: np.ndarray, num_classes: int) -> list[float]:
   return (np.bincount(labels, minlength=num_classes) / max(len(labels), 1)).round(4).tolist()
 
@@ -244,7 +222,6 @@ def main(argv: list[str] | None = None) -> dict:
                             epochs=classifier_epochs, seed=classifier_seed)
   print(f"fid classifier: {evaluator.summary()} ({time.perf_counter() - t0:.1f}s, "
         f"cache {cache_dir})", flush=True)
-  logits_of = class_logits_fn(evaluator, dataset)
   k = dataset.num_classes
 
   # --- the peer
@@ -263,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
   for row, seconds in zip(peer_curve, result["train_seconds"], strict=True):
     row["train_seconds"] = seconds
   peer_grid = peer.generate(result["g"], GRID, seed=args.seed)
-  peer_classes = logits_of(peer_images["last"]).argmax(-1)
+  peer_classes = evaluator.predict(peer_images["last"])
   tail = max(1, min(100, args.steps // 10))  # the last tenth of the steps, at most 100
   out = {
       "steps": args.steps, "eval_every": args.eval_every, "fid_samples": evaluator.num_samples,
@@ -300,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the same images scored again here: equal to the logged value when the same
         # classifier and sample count were used
         "fid_classifier_rescored": evaluator.fid(images),
-        "class_shares": class_shares(logits_of(images).argmax(-1), k),
+        "class_shares": class_shares(evaluator.predict(images), k),
     }
     last = ours[-1]["fid_classifier"] if ours else out["ours"]["fid_classifier_rescored"]
     panels.append((f"ours (JAX), step {step}\nfid_classifier {last:.2f}", ours_grid))

@@ -165,7 +165,8 @@ def test_resume_with_a_different_model_is_refused(tmp_path, tiny_config):
   tiny_config.train.steps = 2
   train_and_evaluate(tiny_config, str(tmp_path), progress=False)
   tiny_config.model.embed_dim = 96
-  with pytest.raises(UserError, match=r"different configuration \(model.embed_dim: 64 -> 96\)"):
+  with pytest.raises(UserError, match=r"different configuration \(model.embed_dim: 64 -> 96; "
+                     r"from step 2.s checkpoint\)"):
     train_and_evaluate(tiny_config, str(tmp_path), progress=False)
 
 

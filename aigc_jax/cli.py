@@ -264,10 +264,6 @@ EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; re-run resumes
 
 
-# Orbax warnings about what we asked for.
-_ORBAX_NOISE = ("Given directory is read only",)
-
-
 class _OneLineLogs(std_logging.Filter):
   """Without --verbose: a failure that aigc_jax reports itself (a checkpoint that could not
   be written) is not logged again by Orbax's writer threads, and other log records lose
@@ -279,8 +275,6 @@ class _OneLineLogs(std_logging.Filter):
     if record.levelno >= std_logging.ERROR and (orbax in record.pathname
                                                 or orbax in record.getMessage()):
       return False
-    if orbax in record.pathname and record.getMessage().startswith(_ORBAX_NOISE):
-      return False  # eval/sample open checkpoints read-only on purpose
     record.exc_info, record.exc_text, record.stack_info = None, None, None
     return True
 

@@ -21,8 +21,10 @@ the host at a time. A read-only Checkpointer (eval, sample) writes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -165,6 +167,18 @@ class CheckpointWriteError(UserError):
   """A save failed (disk full, quota, permissions); the previous checkpoints are intact."""
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager is read-only: readers (eval, sample) ask for it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@functools.cache
+def _quiet_read_only_notice() -> None:
+  logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # once per process
+
+
 class Checkpointer:
   """Orbax checkpoints of one run in `directory`: the train state, the data iterator's
   position and the config per step, saved asynchronously, the newest `keep` kept, verified
@@ -175,6 +189,8 @@ class Checkpointer:
     # read_only (eval, sample): an unusable checkpoint is reported but never moved.
     self.directory, self.read_only = os.path.abspath(directory), read_only
     # A reader writes nothing (it may run on a workdir it cannot write).
+    if read_only:
+      _quiet_read_only_notice()
     options = (ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
                                             save_interval_steps=0)
                if read_only else ocp.CheckpointManagerOptions(

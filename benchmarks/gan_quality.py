@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       seed=int(config.seed) + 11)  # the run's own FID noise
     ours_grid = run.family.sample_images(run.state, GRID, seed=0)
     out["ours"] = {
-        "workdir": os.path.abspath(ours_dir), "step": step,
+        "workdir": ours_dir, "step": step,  # as given: no machine paths in results
         "params": {"g": param_count_tree(run.state.params["g"]),
                    "d": param_count_tree(run.state.params["d"])},
         "curve": ours,

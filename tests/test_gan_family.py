@@ -176,3 +176,20 @@ def test_recipe_options_dropout_kernel_activation_and_epoch_order(gan_config):
             for e in range(2)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(size))
   assert list(epochs[0]) != list(epochs[1])
+
+
+def test_kernel_init_option_sets_every_kernels_scale(gan_config):
+  """model.kernel_init='glorot_uniform' (Keras' and PyTorch-DCGAN's scale) reaches every
+  kernel: the projection's spread follows 2 / (fan_in + fan_out), not flax's 1 / fan_in."""
+  from aigc_jax.models.gan import GanConfig, build_gan
+  from flax import nnx
+  spread = {}
+  for name in ("lecun_normal", "glorot_uniform"):
+    gan_config.model.kernel_init = name
+    prepare_config(gan_config)
+    g, d = build_gan(GanConfig(**dict(gan_config.model)), nnx.Rngs(0))
+    kernel = np.asarray(g.project.kernel[...])
+    spread[name] = float(kernel.std())
+    fan_in, fan_out = kernel.shape
+  assert np.isclose(spread["lecun_normal"], 1 / np.sqrt(fan_in), rtol=0.05)
+  assert np.isclose(spread["glorot_uniform"], np.sqrt(2 / (fan_in + fan_out)), rtol=0.05)

@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
                  g_activation="relu",  # relu | leaky_relu
                  d_kernel=4,  # D's strided convolutions: 4x4 (or 5x5, as TF's DCGAN)
                  d_dropout=0.0,  # dropout after each of D's activations (TF's DCGAN: 0.3)
+                 kernel_init="lecun_normal",  # lecun_normal | glorot_uniform (Keras, PyTorch)
                  dtype="float32")  # compute dtype: float32 | bfloat16 | float16
   c.data = image_data.image_data_config()
   c.loss = dict(name="nonsaturating",  # nonsaturating | hinge | wgan

@@ -12,6 +12,7 @@ use_running_average=True)`) uses the stored statistics and writes nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,15 @@ from aigc_jax.nn.upsample import UpConv2x
 ARCHITECTURES = ("dcgan", "mlp")
 G_NORMS = ("batch", "none")
 G_ACTIVATIONS = ("relu", "leaky_relu")
+# Kernel initialisers: flax's default (LeCun normal), or Keras' and PyTorch-DCGAN's scale
+# (Glorot uniform), which keeps the 64 -> 7x7xC projection's outputs ~7x smaller.
+KERNEL_INITS = {"lecun_normal": nnx.initializers.lecun_normal(),
+                "glorot_uniform": nnx.initializers.glorot_uniform()}
+
+
+def _init(layer, cfg):
+  """`layer` (nnx.Linear, nnx.Conv, UpConv2x, ...) with the config's kernel initialiser."""
+  return functools.partial(layer, kernel_init=KERNEL_INITS[cfg.kernel_init])
 D_NORMS = ("none", "spectral", "layer")
 
 
@@ -45,13 +55,15 @@ class GanConfig:
   g_activation: str = "relu"  # G's hidden activation: relu | leaky_relu (slope 0.2)
   d_kernel: int = 4  # DCGAN: the side of D's strided convolutions (4, or 5 as in TF's DCGAN)
   d_dropout: float = 0.0  # dropout rate after each of D's activations (training only)
+  kernel_init: str = "lecun_normal"  # every kernel's initialiser: lecun_normal | glorot_uniform
   dtype: str = "float32"  # compute dtype; parameters, losses and outputs stay float32
 
   def __post_init__(self):
     for field, value, choices in (("arch", self.arch, ARCHITECTURES),
                                   ("g_norm", self.g_norm, G_NORMS),
                                   ("d_norm", self.d_norm, D_NORMS),
-                                  ("g_activation", self.g_activation, G_ACTIVATIONS)):
+                                  ("g_activation", self.g_activation, G_ACTIVATIONS),
+                                  ("kernel_init", self.kernel_init, tuple(KERNEL_INITS))):
       if value not in choices:
         raise UserError(f"config 'model.{field}' must be one of {choices}, got {value!r}")
     for field in ("image_size", "channels", "z_dim", "width"):
@@ -102,10 +114,12 @@ class SpectralNormConv(nnx.Module):
   evaluation mode u is read only. The output is the same in both modes."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               kernel: int = 4, stride: int = 2, dtype=None, use_running_average: bool = False):
+               kernel: int = 4, stride: int = 2, dtype=None, use_running_average: bool = False,
+               kernel_init=None):
     self.dtype = dtype
     self.conv = nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride,
-                         padding="SAME", dtype=dtype, rngs=rngs)
+                         padding="SAME", dtype=dtype, rngs=rngs,
+                         kernel_init=kernel_init or nnx.initializers.lecun_normal())
     self.stride = stride
     self.u = nnx.BatchStat(jax.random.normal(rngs.params(), (out_features,)))
     self.use_running_average = use_running_average
@@ -158,16 +172,17 @@ class DCGANGenerator(nnx.Module):
     self.cfg = cfg
     self.base, k = upsampling_plan(cfg.image_size)
     widths = [cfg.width * 2 ** (k - 1 - i) for i in range(k)] + [cfg.channels]
-    self.project = nnx.Linear(cfg.z_dim, self.base * self.base * widths[0], dtype=dtype,
+    self.project = _init(nnx.Linear, cfg)(cfg.z_dim, self.base * self.base * widths[0], dtype=dtype,
                               rngs=rngs)
     batch_norm = lambda w: nnx.BatchNorm(w, momentum=0.9, dtype=dtype, rngs=rngs)
     norm = batch_norm if cfg.g_norm == "batch" else (lambda w: None)
     self.norms = nnx.List([norm(w) for w in widths[:-1]])
     self.blocks = nnx.List([
-        nnx.List([nnx.List([nnx.Conv(widths[i], widths[i], (3, 3), dtype=dtype, rngs=rngs),
+        nnx.List([nnx.List([_init(nnx.Conv, cfg)(widths[i], widths[i], (3, 3), dtype=dtype,
+                                                  rngs=rngs),
                             norm(widths[i])])
                   for _ in range(cfg.depth)]) for i in range(k)])
-    self.ups = nnx.List([UpConv2x(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
+    self.ups = nnx.List([_init(UpConv2x, cfg)(widths[i], widths[i + 1], dtype=dtype, rngs=rngs)
                          for i in range(k)])
     annotate_layers(self, {f"ups.{k - 1}.kernel": (None, None, "conv_in", "image_channels"),
                            f"ups.{k - 1}.bias": ("image_channels",)})
@@ -197,8 +212,9 @@ class DCGANDiscriminator(nnx.Module):
 
     def conv(c_in, c_out, kernel, stride):
       if cfg.d_norm == "spectral":
-        return SpectralNormConv(c_in, c_out, dtype=dtype, rngs=rngs, kernel=kernel, stride=stride)
-      return nnx.Conv(c_in, c_out, (kernel, kernel), strides=stride, padding="SAME",
+        return _init(SpectralNormConv, cfg)(c_in, c_out, dtype=dtype, rngs=rngs, kernel=kernel,
+                                            stride=stride)
+      return _init(nnx.Conv, cfg)(c_in, c_out, (kernel, kernel), strides=stride, padding="SAME",
                       dtype=dtype, rngs=rngs)
 
     # No normalisation after the first conv (DCGAN); layer norm suits WGAN-GP critics.
@@ -212,7 +228,7 @@ class DCGANDiscriminator(nnx.Module):
     self.blocks = nnx.List([
         nnx.List([nnx.List([conv(widths[i + 1], widths[i + 1], 3, 1), norm(widths[i + 1])])
                   for _ in range(cfg.depth)]) for i in range(k)])
-    self.head = nnx.Linear(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
+    self.head = _init(nnx.Linear, cfg)(base * base * widths[-1], 1, dtype=dtype, rngs=rngs)
     annotate_layers(self, _scalar_head("head"))
 
   def __call__(self, images_BHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -241,9 +257,10 @@ class MLPGenerator(nnx.Module):
     dtype = cfg.compute_dtype
     self.cfg = cfg
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(cfg.z_dim, cfg.width, dtype=dtype, rngs=rngs),
-                            nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
-                            nnx.Linear(cfg.width, H * W * C, dtype=dtype, rngs=rngs)])
+    dense = _init(nnx.Linear, cfg)
+    self.layers = nnx.List([dense(cfg.z_dim, cfg.width, dtype=dtype, rngs=rngs),
+                            dense(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
+                            dense(cfg.width, H * W * C, dtype=dtype, rngs=rngs)])
     annotate_layers(self)
 
   def __call__(self, z_BZ: jax.Array) -> jax.Array:
@@ -261,9 +278,10 @@ class MLPDiscriminator(nnx.Module):
     dtype = cfg.compute_dtype
     self.cfg = cfg
     H, W, C = cfg.image_shape
-    self.layers = nnx.List([nnx.Linear(H * W * C, cfg.width, dtype=dtype, rngs=rngs),
-                            nnx.Linear(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
-                            nnx.Linear(cfg.width, 1, dtype=dtype, rngs=rngs)])
+    dense = _init(nnx.Linear, cfg)
+    self.layers = nnx.List([dense(H * W * C, cfg.width, dtype=dtype, rngs=rngs),
+                            dense(cfg.width, cfg.width, dtype=dtype, rngs=rngs),
+                            dense(cfg.width, 1, dtype=dtype, rngs=rngs)])
     annotate_layers(self, _scalar_head("layers.2"))
 
   def __call__(self, images_BHWC: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:

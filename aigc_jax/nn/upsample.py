@@ -76,8 +76,8 @@ class UpConv2x(nnx.Module):
   parameters ('kernel' [4, 4, in, out], 'bias' [out]) and initialisers, fast on CPU."""
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-               impl: str = "auto", dtype=None):
-    init = nnx.initializers.lecun_normal()
+               impl: str = "auto", dtype=None, kernel_init=None):
+    init = kernel_init or nnx.initializers.lecun_normal()
     self.dtype = dtype  # compute dtype (None: the input's)
     self.kernel = nnx.Param(init(rngs.params(), (4, 4, in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,)))

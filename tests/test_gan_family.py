@@ -181,8 +181,9 @@ def test_recipe_options_dropout_kernel_activation_and_epoch_order(gan_config):
 def test_kernel_init_option_sets_every_kernels_scale(gan_config):
   """model.kernel_init='glorot_uniform' (Keras' and PyTorch-DCGAN's scale) reaches every
   kernel: the projection's spread follows 2 / (fan_in + fan_out), not flax's 1 / fan_in."""
-  from aigc_jax.models.gan import GanConfig, build_gan
   from flax import nnx
+
+  from aigc_jax.models.gan import GanConfig, build_gan
   spread = {}
   for name in ("lecun_normal", "glorot_uniform"):
     gan_config.model.kernel_init = name

@@ -32,7 +32,12 @@ COMMANDS = ("train", "finetune", "sample", "eval", "export")
 # `sample` flags -> the option names the families read.
 SAMPLE_OPTIONS = {"prompt": "prompt", "num": "num", "max-new-tokens": "max_new_tokens",
                   "temperature": "temperature", "top-k": "top_k", "top-p": "top_p",
-                  "repetition-penalty": "repetition_penalty", "seed": "seed", "out": "out"}
+                  "repetition-penalty": "repetition_penalty", "seed": "seed", "out": "out",
+                  "steps": "steps", "guidance": "guidance", "class": "label",
+                  "sampler": "sampler", "eta": "eta"}
+# The options of a text family (one that lists no CLI_SAMPLE_OPTIONS of its own).
+TEXT_SAMPLE_OPTIONS = ("prompt", "num", "max_new_tokens", "temperature", "top_k", "top_p",
+                       "repetition_penalty", "seed", "out")
 EXPORT_FORMATS = ("safetensors",)
 USAGE = __doc__
 
@@ -70,9 +75,19 @@ def _define_flags(command: str) -> None:
     flags.DEFINE_float("repetition-penalty", None, "Penalty on ids already in the prompt or "
                        "output (1.0: none; 1.1-1.3 curbs greedy loops).")
     flags.DEFINE_integer("seed", 0, "Sampling seed (0 <= S < 2**32).")
-    flags.DEFINE_string("out", None, "GAN: the PNG to write (VAE: PATH's stem + "
+    flags.DEFINE_string("out", None, "GAN, diffusion: the PNG to write (VAE: PATH's stem + "
                         "_samples.png, _reconstructions.png, _interpolation.png; default: "
                         "WORKDIR/samples/); LM: a text file for the samples instead of stdout.")
+    flags.DEFINE_integer("steps", None, "Diffusion: sampling steps (default: the config's "
+                         "sample.steps).")
+    flags.DEFINE_float("guidance", None, "Diffusion: classifier-free guidance scale (1: the "
+                       "conditional model alone; 0: unconditional).")
+    flags.DEFINE_integer("class", None, "Diffusion: draw only this class id (default: every "
+                         "class in turn).")
+    flags.DEFINE_string("sampler", None, "Diffusion: euler | heun | ddim (default: the "
+                        "config's sample.sampler).")
+    flags.DEFINE_float("eta", None, "Diffusion, --sampler ddim: the noise of each step (0: "
+                       "deterministic, 1: DDPM's ancestral sampler).")
   elif command == "export":
     flags.DEFINE_enum("format", "safetensors", EXPORT_FORMATS, "Export format.")
     flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -242,16 +257,18 @@ def _run(command: str) -> None:
   # the ones it understands. A family that lists CLI_SAMPLE_OPTIONS refuses the others, so
   # none is silently ignored.
   options = {key: FLAGS[name].value for name, key in SAMPLE_OPTIONS.items()}
-  accepted = getattr(run.family, "CLI_SAMPLE_OPTIONS", None)
-  if accepted is not None:
-    unused = [f"--{name}" for name, key in SAMPLE_OPTIONS.items()
-              if key not in accepted and not FLAGS[name].using_default_value]
-    if unused:
-      raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not "
-                      f"apply to a {run.family.name} run (it takes "
-                      f"{', '.join('--' + k for k in accepted)}): drop "
-                      f"{'it' if len(unused) == 1 else 'them'}")
-  out = options["out"] if accepted is None else None
+  text = not hasattr(run.family, "CLI_SAMPLE_OPTIONS")
+  accepted = TEXT_SAMPLE_OPTIONS if text else run.family.CLI_SAMPLE_OPTIONS
+  unused = [f"--{name}" for name, key in SAMPLE_OPTIONS.items()
+            if key not in accepted and not FLAGS[name].using_default_value]
+  if unused:
+    flag_of = {key: name for name, key in SAMPLE_OPTIONS.items()}
+    raise UserError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not "
+                    f"apply to a {run.family.name} run (it takes "
+                    f"{', '.join('--' + flag_of[k] for k in accepted)}): drop "
+                    f"{'it' if len(unused) == 1 else 'them'}")
+  options = {key: value for key, value in options.items() if key in accepted}
+  out = options["out"] if text else None
   if out is not None:  # a text family: its samples go to --out instead of stdout
     del options["out"]
     text = run.family.cli_sample(run.state, run.workdir, options)

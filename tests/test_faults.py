@@ -20,7 +20,7 @@ import pytest
 
 from aigc_jax.config import config_from_file
 from aigc_jax.train import Checkpointer
-from tests.conftest import GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
+from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
 from tests.test_train import _final_params
 
 STEPS, EVERY = 40, 2
@@ -34,6 +34,8 @@ train_and_evaluate(config_from_file(path, overrides), workdir, progress=False)
 CASES = [pytest.param(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}, id="lm"),
          pytest.param(GAN_CONFIG, {"fid.samples": 0}, id="gan", marks=pytest.mark.slow),
          pytest.param(VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0}, id="vae",
+                      marks=pytest.mark.slow),
+         pytest.param(DIFFUSION_CONFIG, {"fid.samples": 0}, id="diffusion",
                       marks=pytest.mark.slow)]
 
 

@@ -112,7 +112,7 @@ def test_cli_train_sample_eval(tmp_path):
 
 
 def test_ema_decay_warms_up_then_holds():
-  from aigc_jax.families.gan import ema_decay
+  from aigc_jax.train.ema import ema_decay
   decays = [float(ema_decay(0.999, jax.numpy.int32(s))) for s in (0, 10, 100, 100000)]
   assert decays[0] == pytest.approx(0.1) and decays[1] == pytest.approx(11 / 20)
   assert decays[2] == pytest.approx(101 / 110) and decays[3] == pytest.approx(0.999)

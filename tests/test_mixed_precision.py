@@ -1,23 +1,29 @@
-"""GAN and VAE compute dtypes: with model.dtype='bfloat16' every matmul and convolution of
-the train step runs in bfloat16, parameters stay float32, and the losses match float32."""
+"""GAN, VAE and diffusion compute dtypes: with model.dtype='bfloat16' every matmul and
+convolution of the train step runs in bfloat16, parameters stay float32, and the losses
+match float32."""
 
 import jax
 import numpy as np
 import pytest
 
 from aigc_jax.errors import UserError
-from aigc_jax.families import gan, vae
+from aigc_jax.families import diffusion, gan, vae
 from aigc_jax.train.loop import prepare_config
 
 
 def _family(module, dtype: str):
   c = module.default_config()
   c.model.update(image_size=8, width=8, dtype=dtype)
-  c.model.update(z_dim=8) if module is gan else c.model.update(latent_dim=4, hidden=16)
+  if module is gan:
+    c.model.update(z_dim=8)
+  elif module is vae:
+    c.model.update(latent_dim=4, hidden=16)
+  else:
+    c.model.update(channel_mults=(1, 2), attention_levels=(1,), head_dim=8, groups=4)
   c.train.update(batch_size=4)
   images = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
-  batch = {"images": images, "labels": np.zeros(4, np.int32)} if module is gan else {
-      "images": images}
+  batch = {"images": images, "labels": np.arange(4, dtype=np.int32)} if module is not vae \
+      else {"images": images}
   return module.Family(c, None), batch
 
 
@@ -34,7 +40,7 @@ def _matmul_input_dtypes(jaxpr) -> set[str]:
   return dtypes
 
 
-@pytest.mark.parametrize("module", [gan, vae], ids=["gan", "vae"])
+@pytest.mark.parametrize("module", [gan, vae, diffusion], ids=["gan", "vae", "diffusion"])
 def test_bfloat16_compute_keeps_float32_parameters_and_losses(module):
   losses = {}
   for dtype in ("float32", "bfloat16"):
@@ -50,7 +56,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(module):
   np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
 
 
-@pytest.mark.parametrize("module", [gan, vae], ids=["gan", "vae"])
+@pytest.mark.parametrize("module", [gan, vae, diffusion], ids=["gan", "vae", "diffusion"])
 def test_unknown_dtype_is_one_clear_error(module):
   c = module.default_config()
   c.model.dtype = "float8"

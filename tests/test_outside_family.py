@@ -13,7 +13,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.train import family as family_lib
 from aigc_jax.train.loop import open_run, prepare_config
 from tests import outside_family
-from tests.conftest import GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_cli
+from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_cli
 
 CONFIG = """
 from tests.outside_family import default_config
@@ -34,7 +34,7 @@ def test_outside_family_follows_the_protocol(tmp_path):
   assert int(new_state.step) == 1 and set(metrics) >= {"loss", "grad_norm", "lr", "accuracy"}
 
 
-@pytest.mark.parametrize("path", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG])
+@pytest.mark.parametrize("path", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG, DIFFUSION_CONFIG])
 def test_built_in_families_follow_the_same_protocol(path):
   config = config_from_file(path)
   family = family_lib.load_family(config.family).Family(config, None)

@@ -16,7 +16,7 @@ from aigc_jax.train import plan as plan_lib
 from aigc_jax.train import sharding as sharding_lib
 from aigc_jax.train.family import load_family
 from aigc_jax.train.loop import open_run, prepare_config
-from tests.conftest import GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG, run_python
+from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG, run_python
 
 # LM dimensions that split over 8 devices (the byte tokenizer's 257 ids padded to 264).
 LM_DIMS = {"model.vocab_size": 264, "model.num_heads": 8, "model.num_kv_heads": 8,
@@ -79,7 +79,7 @@ def test_plan_equals_what_a_run_allocates_and_compiles(tmp_path, mesh_overrides)
   run.checkpointer.close()
 
 
-@pytest.mark.parametrize("path", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG])
+@pytest.mark.parametrize("path", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG, DIFFUSION_CONFIG])
 def test_batch_spec_matches_the_familys_real_batch(path):
   cfg = config_from_file(path)
   family = load_family(cfg.family).Family(cfg, None)

@@ -16,7 +16,7 @@ from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train import sharding as sharding_lib
 from aigc_jax.train.loop import open_run
-from tests.conftest import GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
+from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8,
                              reason="needs 8 devices: `make test-8dev` runs it on 8 fake CPUs")
@@ -174,8 +174,9 @@ def test_lm_training_on_any_mesh_equals_one_device(tmp_path, mesh):
 
 @needs_8
 @pytest.mark.sharded
-@pytest.mark.parametrize("config_file", [GAN_CONFIG, VAE_CONFIG], ids=["gan", "vae"])
-def test_gan_and_vae_training_under_fsdp8_equals_one_device(tmp_path, config_file):
+@pytest.mark.parametrize("config_file", [GAN_CONFIG, VAE_CONFIG, DIFFUSION_CONFIG],
+                         ids=["gan", "vae", "diffusion"])
+def test_image_families_training_under_fsdp8_equals_one_device(tmp_path, config_file):
   reference = _train(config_file, ONE_DEVICE, tmp_path / "one")
   sharded = _train(config_file, {"mesh.data": 1, "mesh.fsdp": 8}, tmp_path / "fsdp")
   _assert_same_training(reference, sharded)

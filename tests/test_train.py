@@ -11,7 +11,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.families.lm import Family
 from aigc_jax.train import Checkpointer, train_and_evaluate
 from aigc_jax.train.loop import open_run
-from tests.conftest import GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_python
+from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, TINY_CONFIG, VAE_CONFIG, run_python
 
 
 def unigram_entropy(ids: np.ndarray) -> float:
@@ -108,7 +108,7 @@ print(json.dumps({"devices": [d1, d8], "loss_diff": float(np.max(np.abs(np.subtr
 """
 
 
-@pytest.mark.parametrize("config", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG])
+@pytest.mark.parametrize("config", [TINY_CONFIG, GAN_CONFIG, VAE_CONFIG, DIFFUSION_CONFIG])
 def test_one_and_eight_devices_agree(config):
   proc = run_python(SHARDED, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
                     args=[config])
@@ -133,7 +133,8 @@ train_and_evaluate(cfg, workdir, progress=False)
 RESUME_CASES = [pytest.param(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0},
                              marks=pytest.mark.sharded),
                 (GAN_CONFIG, {"fid.samples": 0}),
-                (VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0})]  # binarization: step rng
+                (VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0}),  # binarization: step rng
+                (DIFFUSION_CONFIG, {"fid.samples": 0, "model.dropout": 0.1})]  # noise, labels
 
 
 def _final_params(workdir, cfg):

@@ -16,13 +16,14 @@ from flax import nnx
 
 from aigc_jax.config import require, require_positive
 from aigc_jax.data import images as image_data
-from aigc_jax.evaluation.spectrum import nyquist_energy
+from aigc_jax.evaluation import image_quality
 from aigc_jax.families import image_sampling
 from aigc_jax.models import gan_losses
 from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.nn.partitioning import constrain, param_names
 from aigc_jax.train import guard
 from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.ema import update_ema
 from aigc_jax.train.optim import validate_optim
 from aigc_jax.train.state import TrainState
 
@@ -73,14 +74,6 @@ def validate(c) -> None:
           "and loss.r1_gamma must be >= 0")
   require(c.loss.gp_weight == 0 or c.model.d_norm != "batch", "loss.gp_weight",
           "needs a discriminator without batch statistics")
-
-
-def ema_decay(decay: float, step: jax.Array) -> jax.Array:
-  """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)), so the average
-  forgets the random initial weights within the first few hundred steps instead of
-  keeping e^-1 of them after 1/(1 - decay) steps."""
-  step = step.astype(jnp.float32)
-  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def _split_module(module):
@@ -224,9 +217,7 @@ class Family:
     (g_loss, new_g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(g_params)
     updates, g_opt = self.tx_g.update(g_grads, state.opt_state["g"], g_params)
     g_params = optax.apply_updates(g_params, updates)
-    decay = ema_decay(lc.ema_decay, state.step)
-    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                       state.extra["ema"], g_params)
+    ema = update_ema(state.extra["ema"], g_params, lc.ema_decay, state.step)
     new_state = state.replace(
         step=state.step + 1, params={"g": g_params, "d": d_params},
         opt_state={"g": g_opt, "d": d_opt},
@@ -281,33 +272,18 @@ class Family:
                          epochs=self.config.fid.classifier_epochs, seed=self.config.seed)
 
   def sample_metrics(self, state: TrainState) -> dict:
-    """fid_classifier of the EMA generator (fixed noise) with its floor and the
-    classifier's test accuracy; beside it, what FID can hide: the classes the samples
-    fall in (by the same classifier), as the lowest and highest ratio of a class's share
-    to its share of the test set (1: as the data; near 0: a class dropped), and the
-    samples' power at the Nyquist frequency over the test set's (`nyquist_ratio`; a
-    checkerboard texture raises it)."""
+    """The EMA generator's samples (fixed noise) judged by `image_quality.sample_quality`:
+    fid_classifier with its floor, the classes they fall in, their texture."""
     if self.config.fid.samples == 0:
       return {}
-    fid = self.fid_evaluator
-    images = self.sample_images(state, fid.num_samples, seed=self.config.seed + 11)
-    test_labels = self.dataset.test_labels
-    classes = self.dataset.num_classes
-    data_shares = np.bincount(test_labels, minlength=classes) / len(test_labels)
-    present = data_shares > 0
-    ratios = fid.class_shares(images, classes)[present] / data_shares[present]
-    metrics = {"fid_classifier": fid.fid(images), **fid.summary(),
-               "class_share_min_ratio": float(ratios.min()),
-               "class_share_max_ratio": float(ratios.max())}
-    if self._data_nyquist_energy:
-      metrics["nyquist_ratio"] = nyquist_energy(images) / self._data_nyquist_energy
-    return metrics
+    images = self.sample_images(state, self.fid_evaluator.num_samples,
+                                seed=self.config.seed + 11)
+    return image_quality.sample_quality(self.fid_evaluator, images, self.dataset,
+                                        self._data_texture)
 
   @functools.cached_property
-  def _data_nyquist_energy(self) -> float:
-    """The test set's share of power at the Nyquist frequency (0.0: odd image sides)."""
-    H, W, _ = self.gan_cfg.image_shape
-    return 0.0 if H % 2 or W % 2 else nyquist_energy(self.dataset.test_images)
+  def _data_texture(self) -> dict[int, float]:
+    return image_quality.data_texture(self.dataset)
 
   # --- samples ----------------------------------------------------------------------
   SAMPLE_CHUNK = 500  # images per compiled generator call, so memory stays bounded

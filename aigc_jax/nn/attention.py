@@ -119,6 +119,27 @@ def attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, implementation: str) -> jax.Array:
                                       implementation="xla" if impl == "cudnn" else impl)
 
 
+def bidirectional_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                            key_mask_BS: jax.Array | None = None,
+                            implementation: str = "einsum") -> jax.Array:
+  """Non-causal softmax attention (encoders, image self-attention): query t sees every key
+  s where `key_mask_BS` is True (None: all keys). 'einsum' is `einsum_attention` (ours,
+  softmax in float32); 'xla' / 'cudnn' / 'jax' go through `jax.nn.dot_product_attention`
+  ('cudnn' needs 16-bit inputs and, with a key mask, falls back to 'xla')."""
+  mask_B1TS = None if key_mask_BS is None else key_mask_BS[:, None, None, :]
+  if implementation == "einsum":
+    allowed = jnp.ones((1, 1, 1, 1), bool) if mask_B1TS is None else mask_B1TS
+    return einsum_attention(q_BTNH, k_BSKH, v_BSKH, allowed)
+  if implementation not in ("xla", "cudnn", "jax"):
+    raise ValueError(f"bidirectional attention implementation must be einsum, xla, cudnn or "
+                     f"jax, got {implementation!r}")
+  impl = None if implementation == "jax" else implementation
+  if mask_B1TS is not None and impl == "cudnn":
+    impl = "xla"
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, is_causal=False,
+                                      implementation=impl)
+
+
 _HEADS = ("act_batch", "act_length", "act_heads", None)
 _KV_HEADS = ("act_batch", "act_length", "act_kv_heads", None)
 

@@ -1,0 +1,418 @@
+"""Diffusion as a family on the shared loop: a U-Net denoiser trained with DDPM's or EDM's
+objective (`loss.name`), one compiled step with an EMA of the weights, class conditioning
+with label dropout for classifier-free guidance, compiled samplers (Euler, Heun, DDIM),
+and the image families' sample figures (fid_classifier, class shares, texture).
+
+Batches from the loop hold images in [-1, 1] and their labels; the EMA weights make every
+sample and evaluation figure.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from aigc_jax.config import require, require_finite_range, require_positive
+from aigc_jax.data import images as image_data
+from aigc_jax.errors import UserError
+from aigc_jax.evaluation import image_quality
+from aigc_jax.families import image_sampling
+from aigc_jax.models import diffusion as objectives
+from aigc_jax.models import diffusion_samplers as samplers
+from aigc_jax.models.unet import UNet, UNetConfig
+from aigc_jax.nn.partitioning import constrain, param_names
+from aigc_jax.train import guard
+from aigc_jax.train import mesh as mesh_lib
+from aigc_jax.train.ema import update_ema
+from aigc_jax.train.optim import adamw, validate_optim
+from aigc_jax.train.state import TrainState
+from aigc_jax.train.steps import make_supervised_step
+
+# Settings that only one objective or sampler reads: set on another path, an error.
+_EDM_ONLY = ("loss.sigma_data", "loss.p_mean", "loss.p_std", "loss.sigma_min",
+             "loss.sigma_max", "sample.rho")
+_DDPM_ONLY = ("loss.timesteps",)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a diffusion run config may set, with its default (a class-conditional
+  EDM U-Net on Fashion-MNIST)."""
+  c = ml_collections.ConfigDict()
+  c.family = "diffusion"
+  c.seed = 0
+  c.model = dict(arch="unet", image_size=28, channels=1, width=64, channel_mults=(1, 2, 2),
+                 blocks_per_level=2, attention_levels=(2,), head_dim=32, dropout=0.1,
+                 num_classes=10,  # 0: unconditional
+                 groups=32, attention="einsum", dtype="float32")
+  c.data = image_data.image_data_config()
+  c.loss = dict(name="edm",  # edm | ddpm
+                timesteps=1000,  # ddpm: steps of the cosine schedule
+                # edm: data std, log-normal training noise levels, the sampling range
+                sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0,
+                label_dropout=0.1,  # share of training labels replaced by "no label"
+                ema_decay=0.999)
+  c.train = dict(steps=6000, batch_size=128, log_every=100, eval_every=1000, eval_batches=8,
+                 checkpoint_every=1000, keep_checkpoints=3, **guard.DEFAULTS)
+  c.optim = dict(lr=1e-3, min_lr_ratio=0.1, warmup_steps=200, weight_decay=0.0, b1=0.9,
+                 b2=0.999, eps=1e-8, grad_clip=1.0)
+  # Samples at every evaluation and from `aigc-jax sample`: sampler and steps (NFE: heun
+  # 2 x steps - 1, else steps), DDIM's eta, guidance scale (1: the conditional model
+  # alone), EDM's rho (the spacing of the noise levels).
+  c.sample = dict(num=100, sampler="heun", steps=18, eta=0.0, guidance=1.0, rho=7.0)
+  # fid_classifier at every evaluation (shared with the GAN: same classifier and sample
+  # count give comparable figures); at the last evaluation also at each of `steps_sweep`
+  # sampling steps (FID against NFE).
+  c.fid = dict(samples=10000, classifier_epochs=2, steps_sweep=())
+  c.mesh = mesh_lib.default_mesh_config()
+  return c
+
+
+def unet_config(model_cfg) -> UNetConfig:
+  """The U-Net of a `model` section (every key but `arch`)."""
+  return UNetConfig(**{k: v for k, v in dict(model_cfg).items() if k != "arch"})
+
+
+def _set(c, dotted: str) -> bool:
+  """Whether a dotted setting differs from its default."""
+  default, value = default_config(), c
+  for part in dotted.split("."):
+    default, value = default[part], value[part]
+  if isinstance(default, (list, tuple)):
+    return list(value) != list(default)
+  return value != default
+
+
+def validate(c) -> None:
+  require(c.model.arch == "unet", "model.arch", f"must be 'unet', got {c.model.arch!r}")
+  unet_config(c.model)  # names the bad model field
+  require(c.loss.name in objectives.OBJECTIVES, "loss.name",
+          f"must be one of {objectives.OBJECTIVES}, got {c.loss.name!r}")
+  image_data.validate_image_data_config(c)
+  validate_optim(c)
+  require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
+                   "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                   "sample.num", "sample.steps", "fid.classifier_epochs", "loss.timesteps",
+                   "loss.sigma_data", "loss.p_std", "loss.sigma_min", "sample.rho")
+  require(c.fid.samples >= 0 and c.fid.samples != 1, "fid.samples",
+          "must be 0 (off) or at least 2")
+  require(all(isinstance(s, int) and s >= 1 for s in c.fid.steps_sweep), "fid.steps_sweep",
+          f"must list sampling steps >= 1, got {c.fid.steps_sweep!r}")
+  require(c.sample.sampler in samplers.SAMPLERS, "sample.sampler",
+          f"must be one of {samplers.SAMPLERS}, got {c.sample.sampler!r}")
+  require_finite_range(c, "loss.ema_decay", 0, 1, hi_open=True)
+  require_finite_range(c, "loss.label_dropout", 0, 1, hi_open=True)
+  require_finite_range(c, "loss.p_mean", -10, 10)
+  require_finite_range(c, "loss.sigma_max", c.loss.sigma_min, None, lo_open=True)
+  require_finite_range(c, "sample.eta", 0, 1)
+  require_finite_range(c, "sample.guidance", 0, None)
+  other = {"edm": _DDPM_ONLY, "ddpm": _EDM_ONLY}[c.loss.name]
+  for field in other:
+    require(not _set(c, field), field, f"is not used by loss.name={c.loss.name!r}: drop it")
+  require(c.sample.sampler == "ddim" or not _set(c, "sample.eta"), "sample.eta",
+          f"is DDIM's: it is not used by sample.sampler={c.sample.sampler!r}")
+  if c.model.num_classes == 0:
+    require(not _set(c, "loss.label_dropout"), "loss.label_dropout",
+            "is not used by an unconditional model (model.num_classes=0): drop it")
+    require(c.sample.guidance == 1.0, "sample.guidance",
+            "needs a class-conditional model (model.num_classes > 0)")
+
+
+class Family:
+  name = "diffusion"
+  plot_keys = ("loss", "val_loss", "fid_classifier")
+
+  def __init__(self, config, workdir: str | None):
+    self.config, self.workdir = config, workdir
+    self.unet_cfg = unet_config(config.model)
+    self.objective = objectives.make_objective(config.loss)
+    abstract = nnx.eval_shape(lambda: UNet(self.unet_cfg, rngs=nnx.Rngs(0)))
+    self.graphdef = nnx.split(abstract)[0]
+    self._param_names = param_names(abstract)
+    self.tx, self.schedule = adamw(config.optim, config.train.steps)
+    self._step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule)
+    self.items_per_step = {"images": config.train.batch_size}
+
+  # --- data -------------------------------------------------------------------------
+  @functools.cached_property
+  def dataset(self) -> image_data.ImageDataset:
+    dataset = image_data.load_image_dataset(self.config.data, self.unet_cfg.image_shape)
+    classes = self.unet_cfg.num_classes
+    if classes and dataset.num_classes != classes:
+      raise UserError(f"config 'model.num_classes' is {classes} but dataset "
+                      f"{dataset.name!r} has {dataset.num_classes} classes: set "
+                      f"model.num_classes={dataset.num_classes} (or 0: unconditional)")
+    return dataset
+
+  @functools.cached_property
+  def train_data(self) -> image_data.ImageBatches:
+    return image_data.ImageBatches(self.dataset.train_images, self.dataset.train_labels,
+                                   self.config.train.batch_size, self.config.seed,
+                                   self.config.data.order)
+
+  def batch_spec(self) -> dict:
+    """One global training batch's shapes (for the memory planner), without reading data."""
+    B = self.config.train.batch_size
+    return {"images": jax.ShapeDtypeStruct((B, *self.unet_cfg.image_shape), jnp.float32),
+            "labels": jax.ShapeDtypeStruct((B,), jnp.int32)}
+
+  def eval_batches(self):
+    """The first train.eval_batches x batch_size test images with their positions:
+    {"images", "labels", "index"}; each image's noise is drawn from its position."""
+    if not hasattr(self, "_eval_batches"):
+      n = self.config.train.eval_batches * self.config.train.batch_size
+      test = self.dataset.test_images
+      if len(test) < n:
+        raise UserError(f"train.eval_batches x train.batch_size = {n} test images wanted, "
+                        f"but the test split has {len(test)}: lower train.eval_batches")
+      images = image_data.to_unit_range(test[:n])
+      labels = self.dataset.test_labels[:n].astype(np.int32)
+      B = self.config.train.batch_size
+      index = np.arange(n, dtype=np.int32)
+      self._eval_batches = [{"images": images[i:i + B], "labels": labels[i:i + B],
+                             "index": index[i:i + B]} for i in range(0, n, B)]
+    return self._eval_batches
+
+  # --- model ------------------------------------------------------------------------
+  def param_names(self) -> dict:
+    return self._param_names
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    k_model, k_train = jax.random.split(rng)
+    params = nnx.to_pure_dict(nnx.state(UNet(self.unet_cfg, rngs=nnx.Rngs(params=k_model))))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), rng=k_train, extra={"ema": params})
+
+  @property
+  def null_label(self) -> int:
+    """The label id meaning "no label" (the U-Net's last label row)."""
+    return self.unet_cfg.num_classes
+
+  def _network(self, model: UNet, dropout_key=None):
+    return lambda x, noise, labels: model(x, noise, labels, dropout_key)
+
+  def _labels(self, labels_B):
+    """The model's labels for a batch's class ids (None: an unconditional model)."""
+    return labels_B.astype(jnp.int32) if self.unet_cfg.num_classes else None
+
+  def _loss(self, model: UNet, batch, rng, step):
+    k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
+    labels = self._labels(batch["labels"])
+    if labels is not None and self.config.loss.label_dropout > 0:
+      dropped = jax.random.bernoulli(k_drop, self.config.loss.label_dropout, labels.shape)
+      labels = jnp.where(dropped, self.null_label, labels)
+    dropout_key = k_dropout if self.unet_cfg.dropout > 0 else None
+    loss_B = self.objective.loss(self._network(model, dropout_key), batch["images"], labels,
+                                 k_loss)
+    return loss_B.mean(), {}
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One AdamW update of the denoising loss, then the EMA of the weights."""
+    new_state, metrics = self._step(state, batch)
+    ema = update_ema(state.extra["ema"], new_state.params, self.config.loss.ema_decay,
+                     state.step)
+    return new_state.replace(extra={**new_state.extra, "ema": ema}), metrics
+
+  def eval_step(self, state: TrainState, batch) -> dict:
+    """The EMA weights' loss summed over held-out images, each with noise drawn from its
+    position (the same noise at every evaluation, so the figures compare)."""
+    model = nnx.merge(self.graphdef, state.extra["ema"])
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(self.config.seed + 3),
+                                                   batch["index"])
+    network = self._network(model)
+    loss_fn = lambda x, y, k: self.objective.loss(network, x[None], y, k)[0]
+    labels = self._labels(batch["labels"])
+    if labels is None:
+      loss_B = jax.vmap(lambda x, k: loss_fn(x, None, k))(batch["images"], keys)
+    else:
+      loss_B = jax.vmap(lambda x, y, k: loss_fn(x, y[None], k))(batch["images"], labels, keys)
+    return {"loss_sum": loss_B.sum(), "count": jnp.float32(loss_B.shape[0])}
+
+  def summarize_eval(self, sums: dict) -> dict:
+    return {"val_loss": sums["loss_sum"] / sums["count"]}
+
+  # --- sampling ---------------------------------------------------------------------
+  SAMPLE_CHUNK = 500  # images per compiled sampler call, so memory stays bounded
+
+  def sigmas(self, steps: int) -> np.ndarray:
+    """The noise levels of a `steps`-step trajectory [steps + 1] (last 0): EDM's rho
+    spacing, or a DDPM model's own levels at evenly spaced steps."""
+    if isinstance(self.objective, objectives.Ddpm):
+      return samplers.table_sigmas(self.objective.sigmas, steps)
+    return samplers.karras_sigmas(steps, self.objective.sigma_min, self.objective.sigma_max,
+                                  float(self.config.sample.rho))
+
+  @functools.lru_cache(maxsize=8)  # noqa: B019  (one per family: its compilations)
+  def _sample_fn(self, sampler: str, steps: int, eta: float, guidance: float,
+                 trajectory: bool):
+    sigmas = self.sigmas(steps)
+
+    def run(params, x_T, labels, key):
+      model = nnx.merge(self.graphdef, params)
+      denoise = functools.partial(self.objective.denoise, self._network(model))
+      denoise = samplers.guided(denoise, labels, guidance, self.null_label)
+      x_T = constrain(x_T, ("act_batch", None, None, None))
+      x0, path = samplers.sample(denoise, x_T, sigmas, sampler, key, eta, trajectory)
+      to_u8 = lambda x: jnp.round((x + 1) * 127.5).clip(0, 255).astype(jnp.uint8)
+      return to_u8(x0), None if path is None else to_u8(path)
+
+    return jax.jit(run)
+
+  def sample_options(self, steps=None, sampler=None, eta=None, guidance=None) -> dict:
+    """The sampler settings: the given ones, else the config's `sample` section."""
+    s = self.config.sample
+    return dict(sampler=s.sampler if sampler is None else sampler,
+                steps=int(s.steps if steps is None else steps),
+                eta=float(s.eta if eta is None else eta),
+                guidance=float(s.guidance if guidance is None else guidance))
+
+  def sample_images(self, params, num: int, seed: int, labels: np.ndarray | None = None,
+                    trajectory: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 [num, H, W, C], the trajectory's denoised estimates uint8 [steps, num, H, W,
+    C] or None) from `params` (the EMA weights) and fixed noise for `seed`; `labels` [num]
+    for a conditional model (None: classes in turn, 0, 1, ...); `options`: see
+    `sample_options`."""
+    o = self.sample_options(**options)
+    classes = self.unet_cfg.num_classes
+    if classes and labels is None:
+      labels = np.arange(num) % classes
+    key = jax.random.PRNGKey(seed)
+    prior = self.objective.prior_std(float(self.sigmas(o["steps"])[0]))
+    x_T = np.asarray(jax.random.normal(key, (num, *self.unet_cfg.image_shape))) * prior
+    fn = self._sample_fn(o["sampler"], o["steps"], o["eta"], o["guidance"], trajectory)
+    chunk = min(num, self.SAMPLE_CHUNK)
+    images, paths = [], []
+    for start in range(0, num, chunk):
+      x = x_T[start:start + chunk]
+      n = len(x)
+      if n < chunk:  # pad, so one compilation serves every chunk
+        x = np.concatenate([x, np.zeros((chunk - n, *x.shape[1:]), x.dtype)])
+      y = None
+      if classes:
+        y = np.zeros(chunk, np.int32)
+        y[:n] = labels[start:start + n]
+      out, path = fn(params, x, y, jax.random.fold_in(key, start))
+      images.append(np.asarray(out)[:n])
+      if trajectory:
+        paths.append(np.asarray(path)[:, :n])
+    return np.concatenate(images), (np.concatenate(paths, axis=1) if trajectory else None)
+
+  @functools.cached_property
+  def fid_evaluator(self):
+    from aigc_jax.evaluation.classifier_fid import load_or_train
+    cache = None if self.workdir is None else os.path.join(self.workdir, "fid_classifier")
+    return load_or_train(self.dataset, cache, num_samples=self.config.fid.samples,
+                         epochs=self.config.fid.classifier_epochs, seed=self.config.seed)
+
+  @functools.cached_property
+  def _data_texture(self) -> dict[int, float]:
+    return image_quality.data_texture(self.dataset)
+
+  def _quality(self, state: TrainState, **options) -> dict:
+    num = self.fid_evaluator.num_samples
+    images, _ = self.sample_images(state.extra["ema"], num, self.config.seed + 11, **options)
+    labels = (np.arange(num) % self.unet_cfg.num_classes) if self.unet_cfg.num_classes \
+        else None
+    return image_quality.sample_quality(self.fid_evaluator, images, self.dataset,
+                                        self._data_texture, labels)
+
+  def sample_metrics(self, state: TrainState) -> dict:
+    """The EMA model's samples (fixed noise; a conditional model draws the classes in
+    turn) judged by `image_quality.sample_quality`, with the sampler's NFE; at the last
+    step also fid_classifier at each of fid.steps_sweep (`fid_classifier_steps_N`)."""
+    if self.config.fid.samples == 0:
+      return {}
+    o = self.sample_options()
+    metrics = {**self._quality(state),
+               "nfe": samplers.number_of_evaluations(o["sampler"], o["steps"])}
+    if int(state.step) >= self.config.train.steps:
+      for steps in self.config.fid.steps_sweep:
+        metrics[f"fid_classifier_steps_{steps}"] = self._quality(
+            state, steps=steps)["fid_classifier"]
+    return metrics
+
+  def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
+    """From the same fixed noise at every evaluation: a grid (a conditional model: one row
+    per class) and a denoising strip (noise -> image) of 8 images."""
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    images, _ = self.sample_images(state.extra["ema"], self.config.sample.num,
+                                   self.config.seed)
+    classes = self.unet_cfg.num_classes
+    cols = max(1, self.config.sample.num // classes) if classes else None
+    paths = [image_data.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"),
+                                   cols=cols)]
+    return paths + [self._write_trajectory(state.extra["ema"], os.path.join(
+        out_dir, f"trajectory_step_{step:07d}.png"), self.config.seed)]
+
+  def _write_trajectory(self, params, path: str, seed: int, **options) -> str:
+    """8 rows: the starting noise, then the denoised estimate after each step."""
+    images, estimates = self.sample_images(params, 8, seed, trajectory=True, **options)
+    prior = self.objective.prior_std(float(self.sigmas(self.sample_options(**options)
+                                                       ["steps"])[0]))
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed),
+                                         (8, *self.unet_cfg.image_shape))) * prior
+    noise_u8 = np.round((np.clip(noise / prior, -1, 1) + 1) * 127.5).astype(np.uint8)
+    strip = np.concatenate([noise_u8[None], estimates], axis=0)  # [steps + 1, 8, H, W, C]
+    rows = np.swapaxes(strip, 0, 1).reshape(-1, *images.shape[1:])
+    return image_data.write_grid(rows, path, cols=strip.shape[0])
+
+  # --- aigc-jax sample --------------------------------------------------------------
+  CLI_SAMPLE_OPTIONS = (*image_sampling.CLI_SAMPLE_OPTIONS, "steps", "guidance", "label",
+                        "sampler", "eta")
+
+  def check_sample_options(self, options: dict) -> dict:
+    """The CLI's sampler options, checked (one UserError naming the flag)."""
+    classes = self.unet_cfg.num_classes
+    label = options.get("label")
+    if label is not None:
+      if not classes:
+        raise UserError("--class needs a class-conditional model; this run's "
+                        "model.num_classes is 0")
+      if not 0 <= label < classes:
+        raise UserError(f"--class must be a class id in [0, {classes}), got {label}")
+    guidance = options.get("guidance")
+    if guidance is not None:
+      if not classes:
+        raise UserError("--guidance needs a class-conditional model; this run's "
+                        "model.num_classes is 0: drop --guidance")
+      if not (np.isfinite(guidance) and guidance >= 0):
+        raise UserError(f"--guidance must be a finite number >= 0, got {guidance}")
+    steps = options.get("steps")
+    if steps is not None and steps < 1:
+      raise UserError(f"--steps must be at least 1 (the number of sampling steps), got {steps}")
+    sampler = options.get("sampler")
+    if sampler is not None and sampler not in samplers.SAMPLERS:
+      raise UserError(f"--sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
+    eta = options.get("eta")
+    if eta is not None:
+      if (sampler or self.config.sample.sampler) != "ddim":
+        raise UserError("--eta is DDIM's: add --sampler ddim")
+      if not (np.isfinite(eta) and 0 <= eta <= 1):
+        raise UserError(f"--eta must be in [0, 1], got {eta}")
+    return self.sample_options(steps=steps, sampler=sampler, eta=eta, guidance=guidance)
+
+  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
+    """`aigc-jax sample`: a grid of `num` images (a conditional model: the classes in
+    turn, or --class), and their denoising strip, as PNGs (--out and its stem +
+    _trajectory.png, or WORKDIR/samples/)."""
+    sampler_options = self.check_sample_options(options)
+    num = image_sampling.sample_count(options, self.config.sample.num)
+    seed, out = image_sampling.sample_seed(options), options.get("out")
+    label = options.get("label")
+    labels = None if label is None else np.full(num, label, np.int32)
+    tag = f"{num}_seed{seed}" + ("" if label is None else f"_class{label}")
+    path = image_sampling.sample_path(out, workdir, f"sample_{tag}.png")
+    images, _ = self.sample_images(state.extra["ema"], num, seed, labels, **sampler_options)
+    classes = self.unet_cfg.num_classes
+    cols = max(1, num // classes) if classes and label is None else None
+    image_sampling.write_sample_grid(images, path, is_out=out is not None, cols=cols)
+    o = sampler_options
+    nfe = samplers.number_of_evaluations(o["sampler"], o["steps"])
+    return (f"wrote {num} samples to {path} ({o['sampler']}, {o['steps']} steps, NFE {nfe}, "
+            f"guidance {o['guidance']:g})")

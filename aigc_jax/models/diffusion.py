@@ -1,0 +1,167 @@
+"""Diffusion objectives as denoisers in one noise parameterisation, so that every sampler
+works with every objective.
+
+Both objectives are seen the way Karras et al. (2022, "EDM") see them: data x0 plus
+Gaussian noise of standard deviation sigma, x = x0 + sigma * n, and a denoiser
+D(x; sigma) ~ E[x0 | x]. The network F (a U-Net: F(x_in_BHWC, noise_B, labels_B)) is
+wrapped differently by each:
+
+  DDPM (Ho et al. 2020; cosine schedule of Nichol & Dhariwal 2021): T discrete steps with
+    alpha_bar_t; the network sees the variance-preserving x_t = sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) n = x / sqrt(1 + sigma^2) with sigma_t^2 = (1 - alpha_bar_t) /
+    alpha_bar_t, and the step index t (continuous between the table's entries), and
+    predicts n: D = x - sigma * F. Loss: ||F - n||^2 at uniform t ("L_simple").
+  EDM (Karras et al. 2022): D = c_skip x + c_out F(c_in x, c_noise) with the paper's
+    preconditioning; log sigma ~ N(p_mean, p_std^2); loss weight lambda(sigma) =
+    (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, i.e. the network's own target has
+    unit variance.
+
+`Network = Callable[[x_in_BHWC, noise_B, labels_B | None], out_BHWC]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Network = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+OBJECTIVES = ("ddpm", "edm")
+# The U-Net embeds its noise input with DDPM's timestep frequencies (1 .. 1/10,000 per
+# unit), so EDM's c_noise = ln(sigma) / 4 is scaled to a timestep-like range.
+EDM_NOISE_SCALE = 1000.0
+
+
+def _per_image(v_B: jax.Array) -> jax.Array:
+  return v_B[:, None, None, None]
+
+
+def cosine_alpha_bars(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+  """alpha_bar_t for t = 1..T (index t - 1) of the cosine schedule, float64 [T]:
+  f(t) / f(0) with f(t) = cos^2((t / T + s) / (1 + s) * pi / 2), each step's
+  beta_t = 1 - alpha_bar_t / alpha_bar_{t-1} clipped at max_beta."""
+  f = lambda t: np.cos((t / timesteps + s) / (1 + s) * np.pi / 2) ** 2
+  t = np.arange(timesteps + 1, dtype=np.float64)
+  betas = np.minimum(1 - f(t[1:]) / f(t[:-1]), max_beta)
+  return np.cumprod(1 - betas)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ddpm:
+  """Noise prediction on T discrete steps with the cosine schedule."""
+
+  timesteps: int = 1000
+
+  @property
+  def alpha_bars(self) -> np.ndarray:
+    """float64 [T]: alpha_bar at t = 1..T."""
+    return cosine_alpha_bars(self.timesteps)
+
+  @property
+  def sigmas(self) -> np.ndarray:
+    """float64 [T], increasing: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)."""
+    a = self.alpha_bars
+    return np.sqrt((1 - a) / a)
+
+  @property
+  def sigma_min(self) -> float:
+    return float(self.sigmas[0])
+
+  @property
+  def sigma_max(self) -> float:
+    return float(self.sigmas[-1])
+
+  def prior_std(self, sigma: float) -> float:
+    """The std of x at noise level sigma for unit-variance-or-less data: x_T ~ N(0, 1) in
+    the network's coordinates is N(0, 1 + sigma^2) here."""
+    return math.sqrt(1.0 + sigma ** 2)
+
+  def timestep(self, sigma_B: jax.Array) -> jax.Array:
+    """The (continuous) step index 0..T-1 of noise levels sigma_B, by interpolation of
+    log sigma in the schedule's table."""
+    log_sigmas = jnp.asarray(np.log(self.sigmas), jnp.float32)
+    return jnp.interp(jnp.log(sigma_B), log_sigmas,
+                      jnp.arange(self.timesteps, dtype=jnp.float32))
+
+  def denoise(self, network: Network, x_BHWC, sigma_B, labels_B=None) -> jax.Array:
+    """D(x; sigma) = x - sigma * F(x / sqrt(1 + sigma^2), t(sigma))."""
+    sigma = _per_image(sigma_B)
+    eps = network(x_BHWC / jnp.sqrt(1 + sigma ** 2), self.timestep(sigma_B), labels_B)
+    return x_BHWC - sigma * eps
+
+  def noised(self, x0_BHWC, t_B, noise_BHWC) -> jax.Array:
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise at step indices t_B (int,
+    0..T-1): a draw from q(x_t | x0) for standard normal noise."""
+    alpha_bar = _per_image(jnp.asarray(self.alpha_bars, jnp.float32)[t_B])
+    return jnp.sqrt(alpha_bar) * x0_BHWC + jnp.sqrt(1 - alpha_bar) * noise_BHWC
+
+  def loss(self, network: Network, x0_BHWC, labels_B, key) -> jax.Array:
+    """L_simple per image [B]: the mean squared error of the predicted noise at a uniform
+    step t (mean over pixels)."""
+    k_t, k_n = jax.random.split(key)
+    B = x0_BHWC.shape[0]
+    t_B = jax.random.randint(k_t, (B,), 0, self.timesteps)
+    noise = jax.random.normal(k_n, x0_BHWC.shape, x0_BHWC.dtype)
+    eps = network(self.noised(x0_BHWC, t_B, noise), t_B.astype(jnp.float32), labels_B)
+    return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Edm:
+  """Karras et al. (2022): preconditioning, log-normal noise levels, loss weighting."""
+
+  sigma_data: float = 0.5
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+
+  def preconditioning(self, sigma):
+    """(c_skip, c_out, c_in, c_noise) at sigma (any shape; the paper's Table 1)."""
+    sd2 = self.sigma_data ** 2
+    total = sigma ** 2 + sd2
+    c_skip = sd2 / total
+    c_out = sigma * self.sigma_data / jnp.sqrt(total)
+    c_in = 1 / jnp.sqrt(total)
+    c_noise = jnp.log(sigma) / 4
+    return c_skip, c_out, c_in, c_noise
+
+  def loss_weight(self, sigma):
+    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 = 1 / c_out^2."""
+    return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+  def prior_std(self, sigma: float) -> float:
+    return float(sigma)
+
+  def denoise(self, network: Network, x_BHWC, sigma_B, labels_B=None) -> jax.Array:
+    c_skip, c_out, c_in, c_noise = self.preconditioning(sigma_B)
+    out = network(_per_image(c_in) * x_BHWC, EDM_NOISE_SCALE * c_noise, labels_B)
+    return _per_image(c_skip) * x_BHWC + _per_image(c_out) * out
+
+  def loss(self, network: Network, x0_BHWC, labels_B, key) -> jax.Array:
+    """lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2 per image [B] (mean over pixels),
+    log sigma ~ N(p_mean, p_std^2)."""
+    k_s, k_n = jax.random.split(key)
+    B = x0_BHWC.shape[0]
+    sigma_B = jnp.exp(self.p_mean + self.p_std * jax.random.normal(k_s, (B,)))
+    noise = jax.random.normal(k_n, x0_BHWC.shape, x0_BHWC.dtype)
+    denoised = self.denoise(network, x0_BHWC + _per_image(sigma_B) * noise, sigma_B, labels_B)
+    return self.loss_weight(sigma_B) * jnp.mean((denoised - x0_BHWC) ** 2, axis=(1, 2, 3))
+
+
+Objective = Ddpm | Edm
+
+
+def make_objective(loss_cfg) -> Objective:
+  """The objective a run config's `loss` section names (`loss.name`: ddpm | edm)."""
+  if loss_cfg.name == "ddpm":
+    return Ddpm(timesteps=int(loss_cfg.timesteps))
+  if loss_cfg.name == "edm":
+    return Edm(sigma_data=float(loss_cfg.sigma_data), p_mean=float(loss_cfg.p_mean),
+               p_std=float(loss_cfg.p_std), sigma_min=float(loss_cfg.sigma_min),
+               sigma_max=float(loss_cfg.sigma_max))
+  raise ValueError(f"unknown objective {loss_cfg.name!r}; choose one of {OBJECTIVES}")

@@ -1,0 +1,199 @@
+"""Diffusion objectives and samplers against closed forms: the forward process, EDM's
+preconditioning, oracle networks, and samplers on Gaussian data whose ideal denoiser and
+exact ODE solution are known."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from aigc_jax.models import diffusion
+from aigc_jax.models import diffusion_samplers as samplers
+
+DDPM = diffusion.Ddpm(timesteps=1000)
+EDM = diffusion.Edm()
+
+
+def test_cosine_schedule_is_a_decreasing_alpha_bar_with_clipped_betas():
+  a = diffusion.cosine_alpha_bars(1000)
+  assert a.shape == (1000,) and np.all(np.diff(a) < 0)
+  assert 0.9999 < a[0] < 1 and a[-1] < 1e-4
+  betas = 1 - a / np.concatenate([[1.0], a[:-1]])
+  assert betas.max() <= 0.999 + 1e-12 and betas.min() > 0
+  # Nichol & Dhariwal: alpha_bar(t) = f(t) / f(0), f = cos^2(((t / T) + s) / (1 + s) pi / 2).
+  f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+  assert math.isclose(a[499], f(500) / f(0), rel_tol=1e-9)
+
+
+def test_forward_noising_matches_its_closed_form():
+  """x_t | x0 ~ N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I), by 200,000 draws."""
+  x0 = jnp.linspace(-1, 1, 8).reshape(1, 2, 4, 1)
+  n = 200_000
+  for t in (0, 300, 999):
+    noise = jax.random.normal(jax.random.PRNGKey(t), (n, 2, 4, 1))
+    x_t = DDPM.noised(jnp.broadcast_to(x0, noise.shape), jnp.full((n,), t), noise)
+    a = DDPM.alpha_bars[t]
+    np.testing.assert_allclose(x_t.mean(0), math.sqrt(a) * x0[0], atol=4 * math.sqrt(
+        (1 - a) / n) + 1e-6)
+    np.testing.assert_allclose(x_t.var(0), np.full((2, 4, 1), 1 - a), rtol=0.02, atol=1e-7)
+    # In the denoiser's coordinates the same draw is x0 + sigma_t * noise.
+    np.testing.assert_allclose(x_t / math.sqrt(a), x0 + DDPM.sigmas[t] * noise, rtol=1e-4,
+                               atol=2e-4 * max(1.0, DDPM.sigmas[t]))
+
+
+def test_edm_preconditioning_reproduces_the_papers_formulas():
+  for sigma in (0.002, 0.5, 2.0, 80.0):
+    c_skip, c_out, c_in, c_noise = (float(v) for v in EDM.preconditioning(jnp.float32(sigma)))
+    sd = 0.5
+    assert math.isclose(c_skip, sd ** 2 / (sigma ** 2 + sd ** 2), rel_tol=1e-5)
+    assert math.isclose(c_out, sigma * sd / math.sqrt(sigma ** 2 + sd ** 2), rel_tol=1e-5)
+    assert math.isclose(c_in, 1 / math.sqrt(sigma ** 2 + sd ** 2), rel_tol=1e-5)
+    assert math.isclose(c_noise, math.log(sigma) / 4, rel_tol=1e-5, abs_tol=1e-6)
+    # The loss weight makes the network's own target unit-weighted: lambda c_out^2 = 1.
+    assert math.isclose(float(EDM.loss_weight(jnp.float32(sigma))) * c_out ** 2, 1.0,
+                        rel_tol=1e-4)
+  # At sigma = sigma_data the hand-computed values: 1/2, sqrt(2)/4, sqrt(2), ln(0.5)/4.
+  np.testing.assert_allclose(EDM.preconditioning(jnp.float32(0.5)),
+                             [0.5, math.sqrt(2) / 4, math.sqrt(2), math.log(0.5) / 4], rtol=1e-6)
+
+
+def _images(key, n=6):
+  return jax.random.uniform(key, (n, 4, 4, 1), minval=-1, maxval=1)
+
+
+def test_an_oracle_network_gives_the_denoiser_the_true_image():
+  x0 = _images(jax.random.PRNGKey(0))
+  noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  sigma_B = jnp.asarray(DDPM.sigmas[[0, 10, 200, 500, 800, 999]], jnp.float32)
+  x = x0 + sigma_B[:, None, None, None] * noise
+
+  def ddpm_oracle(x_in, t_B, labels):  # predicts the true noise from its own inputs
+    np.testing.assert_allclose(t_B, [0, 10, 200, 500, 800, 999], atol=1e-2)
+    return noise
+
+  np.testing.assert_allclose(DDPM.denoise(ddpm_oracle, x, sigma_B), x0, atol=2e-3)
+
+  sigma_B = jnp.array([0.002, 0.1, 0.5, 1.0, 10.0, 80.0])
+  x = x0 + sigma_B[:, None, None, None] * noise
+
+  def edm_oracle(x_in, c_noise_B, labels):  # F = (x0 - c_skip x) / c_out, from F's inputs
+    c_skip, c_out, c_in, _ = EDM.preconditioning(sigma_B[:, None, None, None])
+    return (x0 - c_skip * x_in / c_in) / c_out
+
+  np.testing.assert_allclose(EDM.denoise(edm_oracle, x, sigma_B), x0, atol=1e-4)
+
+
+def test_the_losses_vanish_for_an_oracle_and_not_for_a_wrong_network():
+  x0 = _images(jax.random.PRNGKey(2))
+  key = jax.random.PRNGKey(3)
+  # Recover the loss's own draw of noise: the oracle solves x_t for it.
+  def ddpm_oracle(x_t, t_B, labels):
+    a = jnp.asarray(DDPM.alpha_bars, jnp.float32)[t_B.astype(jnp.int32)][:, None, None, None]
+    return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+  assert float(DDPM.loss(ddpm_oracle, x0, None, key).max()) < 1e-4
+  assert float(DDPM.loss(lambda x, t, y: jnp.zeros_like(x), x0, None, key).mean()) > 0.5
+
+
+# --- samplers on Gaussian data: D(x; s) = mu + v / (v + s^2) (x - mu) is the ideal denoiser,
+# and the probability-flow ODE maps x(sigma_max) to mu + (x - mu) sqrt(v / (v + sigma_max^2)).
+MU, VAR = 0.3, 0.25
+
+
+def _gaussian_denoiser(x, sigma_B):
+  return MU + VAR / (VAR + sigma_B[:, None, None, None] ** 2) * (x - MU)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim"])
+def test_more_steps_never_make_the_oracle_sampler_worse(sampler):
+  x_T = jnp.array([80.0, -80.0, 40.0]).reshape(3, 1, 1, 1)
+  exact = MU + (x_T - MU) * math.sqrt(VAR / (VAR + 80.0 ** 2))
+  errors = []
+  # Heun's correction on a 2-step grid (80 -> 0.002 in one step) overshoots by ~40: a
+  # second-order step needs steps small enough for its slope estimate; from 4 on it holds.
+  steps = (4, 8, 16, 32, 64) if sampler == "heun" else (1, 2, 4, 8, 16, 32, 64)
+  for n in steps:
+    sigmas = samplers.karras_sigmas(n, 0.002, 80.0)
+    out, _ = samplers.sample(_gaussian_denoiser, x_T, sigmas, sampler)
+    errors.append(float(jnp.abs(out - exact).max()))
+  assert all(later <= earlier * (1 + 1e-6)
+             for earlier, later in zip(errors, errors[1:], strict=False)), errors
+  # The global error's order: halving the step size halves Euler's error, quarters Heun's.
+  order = math.log2(errors[-2] / errors[-1])
+  assert (1.8 < order < 2.5) if sampler == "heun" else (0.8 < order < 1.2), errors
+  assert errors[-1] < (2e-3 if sampler == "heun" else 3e-2), errors
+  if sampler == "heun":  # closer than Euler at (about) the same NFE: 32 steps, 63 NFE vs 64
+    euler, _ = samplers.sample(_gaussian_denoiser, x_T, samplers.karras_sigmas(64, 0.002, 80.0),
+                               "euler")
+    assert errors[-2] < 0.5 * float(jnp.abs(euler - exact).max())
+
+
+def test_ddim_eta_one_draws_the_data_distribution_and_eta_zero_is_euler():
+  n = 20_000
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (n, 1, 1, 1)) * math.sqrt(VAR + 80.0 ** 2)
+  std_errors = []
+  for steps in (100, 400):  # a first-order sampler: 4x the steps, ~1/4 of the bias
+    sigmas = samplers.karras_sigmas(steps, 0.002, 80.0)
+    out, _ = samplers.sample(_gaussian_denoiser, x_T, sigmas, "ddim", jax.random.PRNGKey(1),
+                             eta=1.0)
+    assert abs(float(out.mean()) - MU) < 0.01  # sampling error of the mean: 0.0035
+    std_errors.append(abs(float(out.std()) - math.sqrt(VAR)))
+  assert std_errors[1] < 0.01 and std_errors[1] < std_errors[0] / 2.5, std_errors
+  again, _ = samplers.sample(_gaussian_denoiser, x_T, sigmas, "ddim", jax.random.PRNGKey(2),
+                             eta=1.0)
+  assert float(jnp.abs(again - out).max()) > 0.1  # fresh noise with another key
+  deterministic, _ = samplers.sample(_gaussian_denoiser, x_T, sigmas, "ddim", eta=0.0)
+  euler, _ = samplers.sample(_gaussian_denoiser, x_T, sigmas, "euler")
+  np.testing.assert_allclose(deterministic, euler, rtol=1e-6)
+  with pytest.raises(ValueError, match="pass a key"):
+    samplers.sample(_gaussian_denoiser, x_T, sigmas, "ddim", eta=0.5)
+
+
+@pytest.mark.parametrize("sampler,steps", [("euler", 5), ("heun", 5), ("ddim", 7)])
+def test_the_trajectory_costs_the_stated_number_of_network_evaluations(sampler, steps):
+  calls = []
+
+  def counting(x, sigma_B):
+    jax.debug.callback(lambda: calls.append(1))
+    return _gaussian_denoiser(x, sigma_B)
+
+  x_T = jnp.full((2, 1, 1, 1), 5.0)
+  out, path = jax.jit(lambda x: samplers.sample(
+      counting, x, samplers.karras_sigmas(steps, 0.002, 80.0), sampler, trajectory=True))(x_T)
+  jax.block_until_ready(out)
+  assert len(calls) == samplers.number_of_evaluations(sampler, steps)
+  assert path.shape == (steps, 2, 1, 1, 1)
+  np.testing.assert_allclose(path[-1], out)  # the last estimate is the sample
+
+
+def test_sigma_grids():
+  k = samplers.karras_sigmas(18, 0.002, 80.0)
+  assert len(k) == 19 and k[-1] == 0 and np.all(np.diff(k) < 0)
+  np.testing.assert_allclose(k[[0, 17]], [80.0, 0.002], rtol=1e-9)
+  t = samplers.table_sigmas(DDPM.sigmas, 10)
+  assert len(t) == 11 and t[-1] == 0 and np.all(np.diff(t) < 0)
+  np.testing.assert_allclose(t[[0, 9]], DDPM.sigmas[[999, 0]])
+  np.testing.assert_allclose(samplers.table_sigmas(DDPM.sigmas, 1000)[:-1], DDPM.sigmas[::-1])
+
+
+def test_classifier_free_guidance_mixes_the_two_denoisers():
+  def denoise(x, sigma_B, labels_B):  # the label moves the estimate by its value
+    return x + labels_B.astype(jnp.float32)[:, None, None, None]
+
+  x = jnp.zeros((2, 1, 1, 1))
+  sigma = jnp.ones((2,))
+  labels = jnp.array([1, 2])
+  null = 0  # the null label's shift is 0: D_u = x
+  for scale, expected in ((1.0, [1, 2]), (0.0, [0, 0]), (3.0, [3, 6])):
+    out = samplers.guided(denoise, labels, scale, null)(x, sigma)
+    np.testing.assert_allclose(out[:, 0, 0, 0], expected)
+
+
+def test_make_objective_reads_the_loss_section():
+  cfg = ConfigDict(dict(name="edm", timesteps=1000, sigma_data=0.25, p_mean=-1.0, p_std=1.0,
+                        sigma_min=0.01, sigma_max=50.0))
+  assert diffusion.make_objective(cfg) == diffusion.Edm(0.25, -1.0, 1.0, 0.01, 50.0)
+  cfg.name = "ddpm"
+  assert diffusion.make_objective(cfg) == diffusion.Ddpm(1000)

@@ -77,19 +77,26 @@ def train_ours(workdir: str, steps: int, eval_every: int, fid_samples: int,
   subprocess.run(cmd, check=True)
 
 
+def cumulative_train_seconds(records: list[dict]) -> list[tuple[int, float]]:
+  """[(step, training seconds up to it)] after each train record of a run's metrics, from
+  their steps_per_sec (a step logged again by a resumed run counts once)."""
+  elapsed, last_step, cumulative = 0.0, 0, []
+  for r in sorted((r for r in records if r.get("split") == "train"
+                   and r.get("steps_per_sec")), key=lambda r: r["step"]):
+    if r["step"] <= last_step:
+      continue
+    elapsed += (r["step"] - last_step) / r["steps_per_sec"]
+    last_step = r["step"]
+    cumulative.append((last_step, elapsed))
+  return cumulative
+
+
 def ours_curve(workdir: str) -> list[dict]:
   """[{step, fid_classifier, train_seconds}] of the run's val records; train_seconds: the
   training time up to that step, from the train records' steps_per_sec."""
   from aigc_jax.train.metrics import read_metrics
   records = read_metrics(workdir)
-  elapsed, last_step, cumulative = 0.0, 0, []  # (step, seconds) after each train record
-  for r in sorted((r for r in records if r.get("split") == "train"
-                   and r.get("steps_per_sec")), key=lambda r: r["step"]):
-    if r["step"] <= last_step:  # a resumed run may log a step again
-      continue
-    elapsed += (r["step"] - last_step) / r["steps_per_sec"]
-    last_step = r["step"]
-    cumulative.append((last_step, elapsed))
+  cumulative = cumulative_train_seconds(records)
   curve = {}
   for r in records:
     if r.get("split") != "val" or "fid_classifier" not in r:

@@ -11,7 +11,7 @@ def get_config():
   c.loss.update(ema_decay=0.99)  # short runs: an EMA that keeps up
   c.train.update(steps=20, batch_size=32, log_every=5, eval_every=10, eval_batches=2,
                  checkpoint_every=10)
-  c.optim.update(lr=2e-3, warmup_steps=10)
+  c.optim.update(lr=2e-3, warmup_steps=5)
   c.sample.update(num=20, steps=6)
   c.fid.update(samples=359, classifier_epochs=10)  # the whole digits test split
   return c

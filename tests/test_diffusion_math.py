@@ -197,3 +197,19 @@ def test_make_objective_reads_the_loss_section():
   assert diffusion.make_objective(cfg) == diffusion.Edm(0.25, -1.0, 1.0, 0.01, 50.0)
   cfg.name = "ddpm"
   assert diffusion.make_objective(cfg) == diffusion.Ddpm(1000)
+
+
+def test_the_variational_bound_is_near_zero_for_an_oracle_and_large_for_a_blind_network():
+  ddpm = diffusion.Ddpm(timesteps=100)
+  x0 = jnp.round((_images(jax.random.PRNGKey(4), 64) + 1) * 127.5) / 127.5 - 1  # 8-bit
+  dims = 16 * math.log(2)
+
+  def oracle(x_t, t_B, labels):  # solves x_t = sqrt(a) x0 + sqrt(1 - a) n for n
+    a = jnp.asarray(ddpm.alpha_bars, jnp.float32)[t_B.astype(jnp.int32)][:, None, None, None]
+    return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+  key = jax.random.PRNGKey(5)
+  exact = ddpm.vlb(oracle, x0, None, key) / dims
+  assert float(exact.max()) < 0.01 and float(exact.min()) >= -1e-4  # bits/dim
+  blind = ddpm.vlb(lambda x, t, y: jnp.zeros_like(x), x0, None, key) / dims
+  assert float(blind.mean()) > 1.0

@@ -10,6 +10,7 @@ sample and evaluation figure.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -219,22 +220,40 @@ class Family:
     return new_state.replace(extra={**new_state.extra, "ema": ema}), metrics
 
   def eval_step(self, state: TrainState, batch) -> dict:
-    """The EMA weights' loss summed over held-out images, each with noise drawn from its
-    position (the same noise at every evaluation, so the figures compare)."""
+    """Sums over held-out images of the EMA weights' loss and, for DDPM, of the
+    variational bound's one-step estimate (nats); each image's noise and step are drawn
+    from its position, the same at every evaluation, so the figures compare."""
     model = nnx.merge(self.graphdef, state.extra["ema"])
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(self.config.seed + 3),
                                                    batch["index"])
     network = self._network(model)
-    loss_fn = lambda x, y, k: self.objective.loss(network, x[None], y, k)[0]
     labels = self._labels(batch["labels"])
-    if labels is None:
-      loss_B = jax.vmap(lambda x, k: loss_fn(x, None, k))(batch["images"], keys)
-    else:
-      loss_B = jax.vmap(lambda x, y, k: loss_fn(x, y[None], k))(batch["images"], labels, keys)
-    return {"loss_sum": loss_B.sum(), "count": jnp.float32(loss_B.shape[0])}
+    ddpm = isinstance(self.objective, objectives.Ddpm)
+
+    def per_image(x, y, key):  # one image as a batch of one
+      y = None if y is None else y[None]
+      loss = self.objective.loss(network, x[None], y, key)[0]
+      vlb = self.objective.vlb(network, x[None], y, key)[0] if ddpm else jnp.float32(0)
+      return loss, vlb
+
+    loss_B, vlb_B = jax.vmap(per_image, (0, None if labels is None else 0, 0))(
+        batch["images"], labels, keys)
+    sums = {"loss_sum": loss_B.sum(), "count": jnp.float32(loss_B.shape[0])}
+    if ddpm:
+      sums.update(vlb_sum=vlb_B.sum(), vlb_sq_sum=(vlb_B ** 2).sum())
+    return sums
 
   def summarize_eval(self, sums: dict) -> dict:
-    return {"val_loss": sums["loss_sum"] / sums["count"]}
+    """val_loss; for DDPM also the variational bound in bits per dimension (comparable
+    with the VAE's on 8-bit images) with its standard error over the images."""
+    n = sums["count"]
+    metrics = {"val_loss": sums["loss_sum"] / n}
+    if "vlb_sum" in sums:
+      dims = int(np.prod(self.unet_cfg.image_shape)) * math.log(2)
+      mean = sums["vlb_sum"] / n
+      variance = max(sums["vlb_sq_sum"] / n - mean ** 2, 0.0) * n / max(n - 1, 1)
+      metrics.update(bits_per_dim=mean / dims, bits_per_dim_stderr=math.sqrt(variance / n) / dims)
+    return metrics
 
   # --- sampling ---------------------------------------------------------------------
   SAMPLE_CHUNK = 500  # images per compiled sampler call, so memory stays bounded

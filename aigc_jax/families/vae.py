@@ -310,6 +310,15 @@ class Family:
     encode = jax.jit(lambda params, x: self.model(params).encode(x)[0])
     return encode, jax.jit(decode), to_u8
 
+  def prior_samples(self, state: TrainState, num: int, seed: int,
+                    chunk: int = 500) -> np.ndarray:
+    """uint8 [num, H, W, C]: the likelihood's mean images of `num` prior draws z ~ N(0, I)
+    (the same images for a seed, decoded `chunk` at a time)."""
+    decode = self._picture_fns[1]
+    z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
+    return np.concatenate([np.asarray(decode(state.params, z[i:i + chunk]))
+                           for i in range(0, num, chunk)])
+
   def pictures(self, state: TrainState, num: int, seed: int) -> dict[str, np.ndarray]:
     """uint8 grids' images: reconstructions (inputs beside outputs; min(num, 32) test
     images, at least 2), `num` prior samples, and interpolations between the posterior means
@@ -318,8 +327,7 @@ class Family:
     x = self.eval_batches()[0]["images"][:max(2, min(num, 32))]
     recon = np.asarray(decode(state.params, encode(state.params, x)))
     pairs = np.stack([np.asarray(to_u8(x)), recon], 1).reshape(-1, *recon.shape[1:])
-    z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
-    samples = np.asarray(decode(state.params, z))
+    samples = self.prior_samples(state, num, seed)
     n_paths = min(8, len(x) // 2)  # interpolate between test images i and i + n_paths
     ends = encode(state.params, x[:2 * n_paths])
     a, b = ends[:n_paths], ends[n_paths:]

@@ -1,0 +1,141 @@
+"""The three image generators side by side on Fashion-MNIST: trained GAN, VAE and
+diffusion runs, each sampled 10,000 times and scored by one classifier (the same
+`fid_classifier`, `fid_floor`, class shares and texture figures), with each run's
+training time on this machine, its parameters and its network evaluations per sample
+(NFE); for diffusion also FID against the number of sampling steps.
+
+  python -m benchmarks.image_models --gan runs/gan --vae runs/vae --diffusion runs/diffusion
+
+prints a Markdown table and writes it with the figures to --out (JSON, and .md beside
+it), the FID-vs-NFE curve and a sample grid of each model to --png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from benchmarks.gan_quality import cumulative_train_seconds, open_ours, param_count_tree, write_png
+
+DEFAULT_CACHE = "runs/image_models/fid_classifier"  # runs/ is git-ignored
+
+
+def train_seconds(workdir: str) -> float | None:
+  """The run's training time (evaluation excluded), from its train records."""
+  from aigc_jax.train.metrics import read_metrics
+  cumulative = cumulative_train_seconds(read_metrics(workdir))
+  return cumulative[-1][1] if cumulative else None
+
+
+def sampler(kind: str, run, steps: int | None = None):
+  """(num, seed) -> uint8 images [num, H, W, C] of a restored run (GAN: the EMA generator;
+  VAE: decoded prior samples; diffusion: the EMA weights, `steps` sampling steps)."""
+  family, state = run.family, run.state
+  if kind == "gan":
+    return lambda num, seed: family.sample_images(state, num, seed)
+  if kind == "vae":
+    return lambda num, seed: family.prior_samples(state, num, seed)
+  return lambda num, seed: family.sample_images(state.extra["ema"], num, seed, steps=steps)[0]
+
+
+def score(kind: str, workdir: str, fid, num: int, steps_sweep=()) -> tuple[dict, np.ndarray]:
+  """The run's figures and 64 of its samples."""
+  from aigc_jax.evaluation import image_quality
+  from aigc_jax.models import diffusion_samplers
+  config, run = open_ours(workdir)
+  dataset = run.family.dataset
+  texture = image_quality.data_texture(dataset)
+  settings = [None] if kind != "diffusion" else [None, *steps_sweep]
+  out = {"workdir": workdir, "config": config.to_dict().get("model"),
+         "step": int(run.state.step), "train_seconds": train_seconds(workdir),
+         "params": param_count_tree(run.state.params)}
+  grid = None
+  for steps in settings:
+    draw = sampler(kind, run, steps)
+    draw(8, 0)  # compile outside the timing
+    start = time.perf_counter()
+    images = draw(num, 1)
+    seconds = time.perf_counter() - start
+    figures = image_quality.sample_quality(fid, images, dataset, texture)
+    figures["sample_images_per_sec"] = num / seconds
+    if kind == "diffusion":
+      o = run.family.sample_options(steps=steps)
+      figures.update(sampler=o["sampler"], sampling_steps=o["steps"],
+                     nfe=diffusion_samplers.number_of_evaluations(o["sampler"], o["steps"]))
+    else:
+      figures["nfe"] = 1
+    if steps is None:
+      out.update(figures)
+      grid = images[:64]
+    else:
+      out.setdefault("steps_sweep", []).append(figures)
+    print(f"{kind} {'' if steps is None else f'steps={steps} '}"
+          f"fid_classifier={figures['fid_classifier']:.2f}", flush=True)
+  return out, grid
+
+
+def table(results: dict) -> str:
+  lines = ["| model | fid_classifier | fid_floor | class shares (min-max x data) | NFE | "
+           "train s (this CPU) | samples/s | params |",
+           "|---|---:|---:|---|---:|---:|---:|---:|"]
+  for kind, r in results["models"].items():
+    seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+    lines.append(f"| {kind} ({r['step']} steps) | {r['fid_classifier']:.2f} | "
+                 f"{r['fid_floor']:.2f} | {r['class_share_min_ratio']:.2f}-"
+                 f"{r['class_share_max_ratio']:.2f} | {r['nfe']} | {seconds} | "
+                 f"{r['sample_images_per_sec']:.0f} | {r['params']:,} |")
+  sweep = results["models"].get("diffusion", {}).get("steps_sweep")
+  if sweep:
+    lines += ["", "| diffusion sampler | steps | NFE | fid_classifier | samples/s |",
+              "|---|---:|---:|---:|---:|"]
+    for s in sorted(sweep, key=lambda s: s["nfe"]):
+      lines.append(f"| {s['sampler']} | {s['sampling_steps']} | {s['nfe']} | "
+                   f"{s['fid_classifier']:.2f} | {s['sample_images_per_sec']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--gan", metavar="WORKDIR")
+  p.add_argument("--vae", metavar="WORKDIR")
+  p.add_argument("--diffusion", metavar="WORKDIR")
+  p.add_argument("--samples", type=int, default=10000, help="generated images per model")
+  p.add_argument("--steps-sweep", default="5,10,25,50",
+                 help="diffusion: sampling steps for the FID-vs-NFE curve (comma-separated)")
+  p.add_argument("--cache", default=DEFAULT_CACHE, help="the classifier's cache folder")
+  p.add_argument("--out", default="benchmarks/results/image_models.json")
+  p.add_argument("--png", default="benchmarks/results/image_models.png")
+  args = p.parse_args(argv)
+  runs = {k: getattr(args, k) for k in ("gan", "vae", "diffusion") if getattr(args, k)}
+  if not runs:
+    p.error("give at least one of --gan, --vae, --diffusion")
+  steps_sweep = [int(s) for s in args.steps_sweep.split(",") if s.strip()]
+
+  from aigc_jax.data import images as image_data
+  from aigc_jax.evaluation.classifier_fid import load_or_train
+  from aigc_jax.families.gan import default_config
+  from aigc_jax.files import write_text
+  c = default_config()
+  dataset = image_data.load_image_dataset(c.data, (28, 28, 1))  # Fashion-MNIST
+  fid = load_or_train(dataset, args.cache, num_samples=args.samples, epochs=2, seed=0)
+  results = {"samples": args.samples, "classifier": fid.summary(), "models": {}}
+  panels = []
+  for kind, workdir in runs.items():
+    results["models"][kind], grid = score(kind, workdir, fid, args.samples, steps_sweep)
+    r = results["models"][kind]
+    panels.append((f"{kind}: fid_classifier {r['fid_classifier']:.1f}", grid))
+  text = table(results)
+  print(text)
+  write_text(args.out, json.dumps(results, indent=2) + "\n")
+  write_text(os.path.splitext(args.out)[0] + ".md", text + "\n")
+  write_png(args.png, panels)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -36,6 +36,7 @@ SETTINGS = {
     "g_epochs": {**GLOROT, "data.order": "epochs"},
     "ge_drop3": {**GLOROT, "data.order": "epochs", "model.d_dropout": 0.3},
     "g_w128": {**GLOROT, "model.width": 128},
+    "g_w96e": {**GLOROT, "model.width": 96, "data.order": "epochs"},
     "final": {**GLOROT, "model.width": 128, "data.order": "epochs"},  # the recipe now
 }
 CONFIG = "configs/gan_fashion_mnist.py"

@@ -25,10 +25,15 @@ DEFAULT_CACHE = "runs/image_models/fid_classifier"  # runs/ is git-ignored
 
 
 def train_seconds(workdir: str) -> float | None:
-  """The run's training time (evaluation excluded), from its train records."""
+  """The run's training time (evaluation excluded): its steps at the median rate of its
+  train records, so that a pause or a burst of other load on the machine in one logging
+  interval does not count."""
   from aigc_jax.train.metrics import read_metrics
-  cumulative = cumulative_train_seconds(read_metrics(workdir))
-  return cumulative[-1][1] if cumulative else None
+  records = read_metrics(workdir)
+  rates = [r["steps_per_sec"] for r in records
+           if r.get("split") == "train" and r.get("steps_per_sec")]
+  cumulative = cumulative_train_seconds(records)
+  return cumulative[-1][0] / float(np.median(rates)) if rates else None
 
 
 def sampler(kind: str, run, steps: int | None = None):
@@ -50,7 +55,7 @@ def score(kind: str, workdir: str, fid, num: int, steps_sweep=()) -> tuple[dict,
   dataset = run.family.dataset
   texture = image_quality.data_texture(dataset)
   settings = [None] if kind != "diffusion" else [None, *steps_sweep]
-  out = {"workdir": workdir, "config": config.to_dict().get("model"),
+  out = {"workdir": workdir, "dataset": dataset.name, "config": config.to_dict().get("model"),
          "step": int(run.state.step), "train_seconds": train_seconds(workdir),
          "params": param_count_tree(run.state.params)}
   grid = None
@@ -116,17 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.error("give at least one of --gan, --vae, --diffusion")
   steps_sweep = [int(s) for s in args.steps_sweep.split(",") if s.strip()]
 
-  from aigc_jax.data import images as image_data
   from aigc_jax.evaluation.classifier_fid import load_or_train
-  from aigc_jax.families.gan import default_config
   from aigc_jax.files import write_text
-  c = default_config()
-  dataset = image_data.load_image_dataset(c.data, (28, 28, 1))  # Fashion-MNIST
+  dataset = open_ours(next(iter(runs.values())))[1].family.dataset  # the runs' data
   fid = load_or_train(dataset, args.cache, num_samples=args.samples, epochs=2, seed=0)
   results = {"samples": args.samples, "classifier": fid.summary(), "models": {}}
   panels = []
   for kind, workdir in runs.items():
     results["models"][kind], grid = score(kind, workdir, fid, args.samples, steps_sweep)
+    if results["models"][kind]["dataset"] != dataset.name:
+      p.error(f"{workdir} trained on {results['models'][kind]['dataset']}, not {dataset.name}")
     r = results["models"][kind]
     panels.append((f"{kind}: fid_classifier {r['fid_classifier']:.1f}", grid))
   text = table(results)

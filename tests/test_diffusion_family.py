@@ -183,3 +183,14 @@ def test_cli_train_sample_eval_and_bad_flags(tmp_path):
     proc = run_cli("sample", "--workdir", workdir, *flags)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1] or \
         __import__("re").search(message, proc.stderr), (flags, proc.stderr[-500:])
+
+
+def test_sample_grids_hold_one_class_per_row(config):
+  family = Family(config, None)
+  labels, cols = family.grid_labels(20)  # the tiny config's sample.num; 10 classes
+  assert cols == 2 and labels.reshape(10, 2).tolist() == [[c, c] for c in range(10)]
+  labels, cols = family.grid_labels(25)  # the remainder: the classes in turn
+  assert len(labels) == 25 and labels[20:].tolist() == [0, 1, 2, 3, 4]
+  config.model.num_classes = 0
+  config.loss.label_dropout = 0.1
+  assert Family(config, None).grid_labels(16) == (None, None)

@@ -355,15 +355,25 @@ class Family:
             state, steps=steps)["fid_classifier"]
     return metrics
 
+  def grid_labels(self, num: int) -> tuple[np.ndarray | None, int | None]:
+    """(labels [num], columns) of a sample grid with one class per row: `num` // classes
+    images of each class, in class order (an unconditional model: None, a square)."""
+    classes = self.unet_cfg.num_classes
+    if not classes:
+      return None, None
+    per_row = max(1, num // classes)
+    labels = np.repeat(np.arange(classes), per_row)  # the remainder: classes in turn
+    labels = np.concatenate([labels, np.arange(max(0, num - len(labels))) % classes])
+    return labels[:num].astype(np.int32), per_row
+
   def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
     """From the same fixed noise at every evaluation: a grid (a conditional model: one row
     per class) and a denoising strip (noise -> image) of 8 images."""
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
+    labels, cols = self.grid_labels(self.config.sample.num)
     images, _ = self.sample_images(state.extra["ema"], self.config.sample.num,
-                                   self.config.seed)
-    classes = self.unet_cfg.num_classes
-    cols = max(1, self.config.sample.num // classes) if classes else None
+                                   self.config.seed, labels)
     paths = [image_data.write_grid(images, os.path.join(out_dir, f"step_{step:07d}.png"),
                                    cols=cols)]
     return paths + [self._write_trajectory(state.extra["ema"], os.path.join(
@@ -417,19 +427,18 @@ class Family:
     return self.sample_options(steps=steps, sampler=sampler, eta=eta, guidance=guidance)
 
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
-    """`aigc-jax sample`: a grid of `num` images (a conditional model: the classes in
-    turn, or --class), and their denoising strip, as PNGs (--out and its stem +
-    _trajectory.png, or WORKDIR/samples/)."""
+    """`aigc-jax sample`: a grid of `num` images as a PNG (--out, or WORKDIR/samples/); a
+    conditional model draws one class per row, or only --class."""
     sampler_options = self.check_sample_options(options)
     num = image_sampling.sample_count(options, self.config.sample.num)
     seed, out = image_sampling.sample_seed(options), options.get("out")
     label = options.get("label")
-    labels = None if label is None else np.full(num, label, np.int32)
+    labels, cols = self.grid_labels(num)
+    if label is not None:
+      labels, cols = np.full(num, label, np.int32), None
     tag = f"{num}_seed{seed}" + ("" if label is None else f"_class{label}")
     path = image_sampling.sample_path(out, workdir, f"sample_{tag}.png")
     images, _ = self.sample_images(state.extra["ema"], num, seed, labels, **sampler_options)
-    classes = self.unet_cfg.num_classes
-    cols = max(1, num // classes) if classes and label is None else None
     image_sampling.write_sample_grid(images, path, is_out=out is not None, cols=cols)
     o = sampler_options
     nfe = samplers.number_of_evaluations(o["sampler"], o["steps"])

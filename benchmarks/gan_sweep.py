@@ -1,5 +1,6 @@
 """The sweep behind the Fashion-MNIST GAN recipe: each setting trained for --steps with
-fid_classifier (5,000 samples, one shared classifier) every 1,000 steps, summarised as
+fid_classifier (5,000 samples; one classifier when --classifier-cache hands every run the
+same cached one, as for benchmarks/results/gan_sweep.md) every 1,000 steps, summarised as
 setting -> FID at 1k/2k/6k, training seconds, class shares and texture at the last step.
 
   python -m benchmarks.gan_sweep --root runs/sweep [--train NAME ...] [--steps 2000]

@@ -125,6 +125,7 @@ def test_samples_follow_the_seed_and_the_asked_class(trained):
     ("sample.steps", 0, "'sample.steps' must be positive"),
     ("fid.steps_sweep", (10, 0), "'fid.steps_sweep' must list"),
     ("loss.sigma_max", 0.001, "'loss.sigma_max'"),
+    ("loss.timesteps", 1, "'loss.timesteps' must be an integer >= 2"),
 ])
 def test_bad_configs(config, key, value, message):
   section, leaf = key.split(".")
@@ -141,6 +142,10 @@ def test_settings_an_unconditional_or_ddpm_model_does_not_read_are_refused(confi
   config.loss.label_dropout = 0.1
   config.sample.guidance = 2.0
   with pytest.raises(UserError, match="'sample.guidance' needs a class-conditional model"):
+    prepare_config(config)
+  config = config_from_file(DIFFUSION_CONFIG, {"loss.label_dropout": 0.0,
+                                               "sample.guidance": 2.0})
+  with pytest.raises(UserError, match="'sample.guidance' needs loss.label_dropout > 0"):
     prepare_config(config)
   config = config_from_file(DIFFUSION_CONFIG, {"loss.name": "ddpm", "loss.p_mean": -1.0})
   with pytest.raises(UserError, match="'loss.p_mean' is not used by loss.name='ddpm'"):

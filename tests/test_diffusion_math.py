@@ -213,3 +213,36 @@ def test_the_variational_bound_is_near_zero_for_an_oracle_and_large_for_a_blind_
   assert float(exact.max()) < 0.01 and float(exact.min()) >= -1e-4  # bits/dim
   blind = ddpm.vlb(lambda x, t, y: jnp.zeros_like(x), x0, None, key) / dims
   assert float(blind.mean()) > 1.0
+
+
+@pytest.mark.parametrize("objective", [DDPM, EDM], ids=["ddpm", "edm"])
+@pytest.mark.parametrize("sampler, steps", [("heun", 18), ("euler", 100)])
+def test_each_objectives_own_grid_samples_gaussian_data_from_an_exact_network(objective,
+                                                                            sampler, steps):
+  """Networks that are exact for N(MU, VAR) data, seen through each objective's own
+  wrapping (DDPM: the noise from x_t and the step; EDM: F from c_in x and c_noise), and
+  the objective's own grid (first-order Euler needs more steps than Heun): the samples
+  have the data's mean and std, also with the network's output rounded to bfloat16."""
+  def ddpm_net(x_vp, t_B, labels):
+    sigma = jnp.exp(jnp.interp(t_B, jnp.arange(1000.0), jnp.log(jnp.asarray(DDPM.sigmas,
+                                                                            jnp.float32))))
+    x = x_vp * jnp.sqrt(1 + sigma ** 2)[:, None, None, None]
+    return (x - _gaussian_denoiser(x, sigma)) / sigma[:, None, None, None]
+
+  def edm_net(x_in, c_noise_B, labels):
+    sigma = jnp.exp(4 * c_noise_B / diffusion.EDM_NOISE_SCALE)
+    c_skip, c_out, c_in, _ = EDM.preconditioning(sigma[:, None, None, None])
+    x = x_in / c_in
+    return (_gaussian_denoiser(x, sigma) - c_skip * x) / c_out
+
+  net = ddpm_net if objective is DDPM else edm_net
+  sigmas = objective.sampling_sigmas(steps)
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (4000, 1, 1, 1)) * objective.prior_std(
+      float(sigmas[0]))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    rounded = lambda x, t, y, n=net, d=dtype: n(x, t, y).astype(d).astype(jnp.float32)
+    out, _ = samplers.sample(lambda x, s, r=rounded: objective.denoise(r, x, s), x_T, sigmas,
+                             sampler)
+    assert abs(float(out.mean()) - MU) < 0.05, (dtype, float(out.mean()))
+    assert abs(float(out.std()) - math.sqrt(VAR)) < 0.1 * math.sqrt(VAR), (dtype, float(
+        out.std()))

@@ -37,7 +37,7 @@ from aigc_jax.train.steps import make_supervised_step
 
 # Settings that only one objective or sampler reads: set on another path, an error.
 _EDM_ONLY = ("loss.sigma_data", "loss.p_mean", "loss.p_std", "loss.sigma_min",
-             "loss.sigma_max", "sample.rho")
+             "loss.sigma_max")
 _DDPM_ONLY = ("loss.timesteps",)
 
 
@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
                  b2=0.999, eps=1e-8, grad_clip=1.0)
   # Samples at every evaluation and from `aigc-jax sample`: sampler and steps (NFE: heun
   # 2 x steps - 1, else steps), DDIM's eta, guidance scale (1: the conditional model
-  # alone), EDM's rho (the spacing of the noise levels).
+  # alone), rho (the spacing of the noise levels, as EDM's).
   c.sample = dict(num=100, sampler="heun", steps=18, eta=0.0, guidance=1.0, rho=7.0)
   # fid_classifier at every evaluation (shared with the GAN: same classifier and sample
   # count give comparable figures); at the last evaluation also at each of `steps_sweep`
@@ -98,7 +98,7 @@ def validate(c) -> None:
   validate_optim(c)
   require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                   "sample.num", "sample.steps", "fid.classifier_epochs", "loss.timesteps",
+                   "sample.num", "sample.steps", "fid.classifier_epochs",
                    "loss.sigma_data", "loss.p_std", "loss.sigma_min", "sample.rho")
   require(c.fid.samples >= 0 and c.fid.samples != 1, "fid.samples",
           "must be 0 (off) or at least 2")
@@ -106,6 +106,8 @@ def validate(c) -> None:
           f"must list sampling steps >= 1, got {c.fid.steps_sweep!r}")
   require(c.sample.sampler in samplers.SAMPLERS, "sample.sampler",
           f"must be one of {samplers.SAMPLERS}, got {c.sample.sampler!r}")
+  require(isinstance(c.loss.timesteps, int) and c.loss.timesteps >= 2, "loss.timesteps",
+          f"must be an integer >= 2, got {c.loss.timesteps!r}")
   require_finite_range(c, "loss.ema_decay", 0, 1, hi_open=True)
   require_finite_range(c, "loss.label_dropout", 0, 1, hi_open=True)
   require_finite_range(c, "loss.p_mean", -10, 10)
@@ -122,6 +124,9 @@ def validate(c) -> None:
             "is not used by an unconditional model (model.num_classes=0): drop it")
     require(c.sample.guidance == 1.0, "sample.guidance",
             "needs a class-conditional model (model.num_classes > 0)")
+  require(c.sample.guidance == 1.0 or c.loss.label_dropout > 0, "sample.guidance",
+          "needs loss.label_dropout > 0: guidance mixes in the 'no label' prediction, "
+          "which only label dropout trains")
 
 
 class Family:
@@ -259,16 +264,21 @@ class Family:
   SAMPLE_CHUNK = 500  # images per compiled sampler call, so memory stays bounded
 
   def sigmas(self, steps: int) -> np.ndarray:
-    """The noise levels of a `steps`-step trajectory [steps + 1] (last 0): EDM's rho
-    spacing, or a DDPM model's own levels at evenly spaced steps."""
-    if isinstance(self.objective, objectives.Ddpm):
-      return samplers.table_sigmas(self.objective.sigmas, steps)
-    return samplers.karras_sigmas(steps, self.objective.sigma_min, self.objective.sigma_max,
-                                  float(self.config.sample.rho))
+    """The noise levels of a `steps`-step trajectory [steps + 1] (last 0): the
+    objective's `sampling_sigmas` with sample.rho."""
+    return self.objective.sampling_sigmas(steps, float(self.config.sample.rho))
 
-  @functools.lru_cache(maxsize=8)  # noqa: B019  (one per family: its compilations)
   def _sample_fn(self, sampler: str, steps: int, eta: float, guidance: float,
                  trajectory: bool):
+    """The jitted sampler for these settings, compiled once per family and settings."""
+    key = (sampler, steps, eta, guidance, trajectory)
+    cache = self.__dict__.setdefault("_sample_fns", {})
+    if key not in cache:
+      cache[key] = self._build_sample_fn(*key)
+    return cache[key]
+
+  def _build_sample_fn(self, sampler: str, steps: int, eta: float, guidance: float,
+                       trajectory: bool):
     sigmas = self.sigmas(steps)
 
     def run(params, x_T, labels, key):
@@ -290,6 +300,12 @@ class Family:
                 eta=float(s.eta if eta is None else eta),
                 guidance=float(s.guidance if guidance is None else guidance))
 
+  def start_noise(self, num: int, seed: int) -> np.ndarray:
+    """The unit-variance noise [num, H, W, C] a trajectory for `seed` starts from (times
+    the objective's prior std); the seed's other key draws DDIM's noise."""
+    k_start = jax.random.split(jax.random.PRNGKey(seed))[0]
+    return np.asarray(jax.random.normal(k_start, (num, *self.unet_cfg.image_shape)))
+
   def sample_images(self, params, num: int, seed: int, labels: np.ndarray | None = None,
                     trajectory: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 [num, H, W, C], the trajectory's denoised estimates uint8 [steps, num, H, W,
@@ -300,9 +316,9 @@ class Family:
     classes = self.unet_cfg.num_classes
     if classes and labels is None:
       labels = np.arange(num) % classes
-    key = jax.random.PRNGKey(seed)
+    k_steps = jax.random.split(jax.random.PRNGKey(seed))[1]
     prior = self.objective.prior_std(float(self.sigmas(o["steps"])[0]))
-    x_T = np.asarray(jax.random.normal(key, (num, *self.unet_cfg.image_shape))) * prior
+    x_T = self.start_noise(num, seed) * prior
     fn = self._sample_fn(o["sampler"], o["steps"], o["eta"], o["guidance"], trajectory)
     chunk = min(num, self.SAMPLE_CHUNK)
     images, paths = [], []
@@ -315,7 +331,7 @@ class Family:
       if classes:
         y = np.zeros(chunk, np.int32)
         y[:n] = labels[start:start + n]
-      out, path = fn(params, x, y, jax.random.fold_in(key, start))
+      out, path = fn(params, x, y, jax.random.fold_in(k_steps, start))
       images.append(np.asarray(out)[:n])
       if trajectory:
         paths.append(np.asarray(path)[:, :n])
@@ -361,7 +377,9 @@ class Family:
     classes = self.unet_cfg.num_classes
     if not classes:
       return None, None
-    per_row = max(1, num // classes)
+    if num < classes:
+      return np.arange(num, dtype=np.int32), None
+    per_row = num // classes
     labels = np.repeat(np.arange(classes), per_row)  # the remainder: classes in turn
     labels = np.concatenate([labels, np.arange(max(0, num - len(labels))) % classes])
     return labels[:num].astype(np.int32), per_row
@@ -382,11 +400,8 @@ class Family:
   def _write_trajectory(self, params, path: str, seed: int, **options) -> str:
     """8 rows: the starting noise, then the denoised estimate after each step."""
     images, estimates = self.sample_images(params, 8, seed, trajectory=True, **options)
-    prior = self.objective.prior_std(float(self.sigmas(self.sample_options(**options)
-                                                       ["steps"])[0]))
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed),
-                                         (8, *self.unet_cfg.image_shape))) * prior
-    noise_u8 = np.round((np.clip(noise / prior, -1, 1) + 1) * 127.5).astype(np.uint8)
+    noise = self.start_noise(8, seed)  # unit variance: the start over its prior std
+    noise_u8 = np.round((np.clip(noise, -1, 1) + 1) * 127.5).astype(np.uint8)
     strip = np.concatenate([noise_u8[None], estimates], axis=0)  # [steps + 1, 8, H, W, C]
     rows = np.swapaxes(strip, 0, 1).reshape(-1, *images.shape[1:])
     return image_data.write_grid(rows, path, cols=strip.shape[0])
@@ -412,6 +427,9 @@ class Family:
                         "model.num_classes is 0: drop --guidance")
       if not (np.isfinite(guidance) and guidance >= 0):
         raise UserError(f"--guidance must be a finite number >= 0, got {guidance}")
+      if guidance != 1.0 and self.config.loss.label_dropout == 0:
+        raise UserError("--guidance needs a model trained with label dropout (this run's "
+                        "loss.label_dropout is 0: its 'no label' prediction is untrained)")
     steps = options.get("steps")
     if steps is not None and steps < 1:
       raise UserError(f"--steps must be at least 1 (the number of sampling steps), got {steps}")

@@ -313,11 +313,19 @@ class Family:
   def prior_samples(self, state: TrainState, num: int, seed: int,
                     chunk: int = 500) -> np.ndarray:
     """uint8 [num, H, W, C]: the likelihood's mean images of `num` prior draws z ~ N(0, I)
-    (the same images for a seed, decoded `chunk` at a time)."""
+    (the same images for a seed, decoded `chunk` at a time, the last one padded so that
+    one compilation serves them all)."""
     decode = self._picture_fns[1]
     z = jax.random.normal(jax.random.PRNGKey(seed), (num, self.vae_cfg.latent_dim))
-    return np.concatenate([np.asarray(decode(state.params, z[i:i + chunk]))
-                           for i in range(0, num, chunk)])
+    chunk = min(chunk, num)
+    out = []
+    for i in range(0, num, chunk):
+      z_chunk = z[i:i + chunk]
+      n = z_chunk.shape[0]
+      if n < chunk:
+        z_chunk = jnp.concatenate([z_chunk, jnp.zeros((chunk - n, z.shape[1]))])
+      out.append(np.asarray(decode(state.params, z_chunk))[:n])
+    return np.concatenate(out)
 
   def pictures(self, state: TrainState, num: int, seed: int) -> dict[str, np.ndarray]:
     """uint8 grids' images: reconstructions (inputs beside outputs; min(num, 32) test

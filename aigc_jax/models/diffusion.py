@@ -34,6 +34,9 @@ OBJECTIVES = ("ddpm", "edm")
 # The U-Net embeds its noise input with DDPM's timestep frequencies (1 .. 1/10,000 per
 # unit), so EDM's c_noise = ln(sigma) / 4 is scaled to a timestep-like range.
 EDM_NOISE_SCALE = 1000.0
+# The highest noise level a DDPM trajectory starts from (EDM's sigma_max): far above the
+# data's scale, so x there is noise, but not the schedule's ~2e4 (see Ddpm.sampling_sigmas).
+DDPM_SAMPLING_SIGMA_MAX = 80.0
 
 
 def _per_image(v_B: jax.Array) -> jax.Array:
@@ -79,6 +82,16 @@ class Ddpm:
     """The std of x at noise level sigma for unit-variance-or-less data: x_T ~ N(0, 1) in
     the network's coordinates is N(0, 1 + sigma^2) here."""
     return math.sqrt(1.0 + sigma ** 2)
+
+  def sampling_sigmas(self, steps: int, rho: float = 7.0) -> np.ndarray:
+    """[steps + 1] descending noise levels, the last 0: EDM's rho spacing from sigma_min
+    up to min(sigma_max, DDPM_SAMPLING_SIGMA_MAX). The cosine schedule's last level
+    (~2e4, from beta capped at 0.999) is ~30x the one before it: a first step that long
+    throws a 2nd-order sampler off, and multiplies any error of the predicted noise by
+    2e4; the levels between the table's entries are served by `timestep`."""
+    from aigc_jax.models.diffusion_samplers import karras_sigmas
+    return karras_sigmas(steps, self.sigma_min, min(self.sigma_max, DDPM_SAMPLING_SIGMA_MAX),
+                         rho)
 
   def timestep(self, sigma_B: jax.Array) -> jax.Array:
     """The (continuous) step index 0..T-1 of noise levels sigma_B, by interpolation of
@@ -171,6 +184,11 @@ class Edm:
 
   def prior_std(self, sigma: float) -> float:
     return float(sigma)
+
+  def sampling_sigmas(self, steps: int, rho: float = 7.0) -> np.ndarray:
+    """[steps + 1] descending noise levels, the last 0 (the paper's rho spacing)."""
+    from aigc_jax.models.diffusion_samplers import karras_sigmas
+    return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
 
   def denoise(self, network: Network, x_BHWC, sigma_B, labels_B=None) -> jax.Array:
     c_skip, c_out, c_in, c_noise = self.preconditioning(sigma_B)

@@ -176,8 +176,12 @@ def test_cli_train_sample_eval_and_bad_flags(tmp_path):
   metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
   summary = json.loads(trained.stdout)
   assert metrics["step"] == 20
-  for key in ("val_loss", "fid_classifier", "fid_floor", "class_accuracy"):
+  for key in ("val_loss", "fid_floor"):
     assert summary[key] == metrics[key], key  # eval of the checkpoint == the run's last eval
+  # The samples come from 11 denoiser calls on the restored state, which may sit on another
+  # device layout (8 devices): float rounding may differ, the figures may not.
+  assert metrics["fid_classifier"] == pytest.approx(summary["fid_classifier"], rel=1e-3)
+  assert abs(metrics["class_accuracy"] - summary["class_accuracy"]) <= 3 / 359
   for flags, message in [
       (["--steps", "0"], "--steps must be at least 1"),
       (["--class", "10"], r"--class must be a class id in \[0, 10\), got 10"),

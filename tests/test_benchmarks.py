@@ -71,20 +71,63 @@ def test_tiny_preset_writes_json_markdown_and_plot(tmp_path):
   out = tmp_path / "bench.json"
   results = run.main(["--preset", "tiny", "--out", str(out), "--torch", "off"])
   assert [(r["family"], r["case"]) for r in results["rows"]] == [
-      ("lm", "tiny"), ("gan", "tiny"), ("vae", "tiny")]
+      ("lm", "tiny"), ("gan", "tiny"), ("vae", "tiny"), ("diffusion", "tiny")]
   saved = json.loads(out.read_text())
   assert saved["meta"]["preset"] == "tiny" and saved["meta"]["peak_flops_per_s"] > 0
   for r in saved["rows"]:
     assert r["step_median_s"] > 0 and r["compile_s"] > 0 and r["params"] > 0
     assert r["model_flops_per_step"] > 0 and 0 < r["mfu"] and np.isfinite(r["mfu"])
     assert r["xla_flops_per_step"] > 0 and r["process_max_rss_bytes"] > 0
-    if r["family"] in ("gan", "vae") and r["devices"] == 1:  # see compile_step
+    if r["family"] in ("gan", "vae", "diffusion") and r["devices"] == 1:  # see compile_step
       assert r["model_flops_per_step"] == r["compiled_flops_per_step"]
-  lm = saved["rows"][0]
+  lm, diffusion = saved["rows"][0], saved["rows"][3]
   assert lm["tokens_per_s"] == lm["examples_per_s"] * 16
+  assert diffusion["sample_nfe"] == 50 and diffusion["sample_images_per_s"] > 0
   table = (tmp_path / "bench.md").read_text()
   assert table.count("\n| lm |") == 1 and "MFU against" in table
+  assert "#### Sampling" in table and table.count("\n| diffusion | tiny |") == 2
   assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+  # Per-family files (as benchmarks/gpu.sh writes them) merge into one table.
+  parts = []
+  for i, family in enumerate(("lm", "diffusion")):
+    part = {"meta": {**saved["meta"], "command": f"run {family}"}, "rows": [saved["rows"][i * 3]]}
+    parts.append(tmp_path / f"{family}.json")
+    parts[-1].write_text(json.dumps(part))
+  merged = run.main(["--merge", *map(str, parts), "--out", str(tmp_path / "all.json")])
+  assert [r["family"] for r in merged["rows"]] == ["lm", "diffusion"]
+  assert merged["meta"]["command"] == "run lm`; `run diffusion"
+  assert "#### Sampling" in (tmp_path / "all.md").read_text()
+  other = {"meta": {**saved["meta"], "device": "another"}, "rows": []}
+  parts[1].write_text(json.dumps(other))
+  with pytest.raises(SystemExit, match="device|another"):
+    run.main(["--merge", *map(str, parts), "--out", str(tmp_path / "all.json")])
+
+
+def test_diffusion_sampling_flops_are_nfe_forward_passes_and_pytorch_unet_matches():
+  """The sampling benchmark counts 50 U-Net forward passes per image, and the eager
+  PyTorch U-Net it is compared with has exactly our parameter count."""
+  from benchmarks import diffusion_step
+
+  for case in ("tiny", "28px"):
+    family, _ = diffusion_step.family_and_batch(case, "float32")
+    params = jax.eval_shape(lambda fam=family: fam.init_state(jax.random.PRNGKey(0)).params)
+    forward = count_matmul_flops(
+        lambda p, x, s, fam=family: nnx.merge(fam.graphdef, p)(x, s, jnp.zeros(1, jnp.int32)),
+        params, jax.ShapeDtypeStruct((1, *family.unet_cfg.image_shape), jnp.float32),
+        jax.ShapeDtypeStruct((1,), jnp.float32))
+    if case == "tiny":  # runs the sampler: seconds
+      measured = diffusion_step.measure_sampling(family, 3, timed_calls=1)
+      assert measured["sample_nfe"] == 50 and measured["sample_batch"] == 3
+      assert measured["sample_flops_per_image"] == 50 * forward > 0
+    torch = pytest.importorskip("torch", reason="the PyTorch side needs the bench extra")
+    from benchmarks import torch_unet
+    net = torch_unet.build(family.config.model)
+    ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert sum(p.numel() for p in net.parameters()) == ours, case
+    y = net(torch.zeros(2, family.unet_cfg.channels, *family.unet_cfg.image_shape[:2]),
+            torch.ones(2), torch.zeros(2, dtype=torch.long))
+    assert tuple(y.shape) == (2, family.unet_cfg.channels, *family.unet_cfg.image_shape[:2])
 
 
 def replicated_and_fsdp_tiny_lm() -> dict:
@@ -277,7 +320,7 @@ def test_attention_benchmark_checks_every_cpu_implementation_against_einsum(tmp_
       attention.main(["--shape", bad])
 
 
-@pytest.mark.parametrize("family", ["lm", "gan", "vae"])
+@pytest.mark.parametrize("family", ["lm", "gan", "vae", "diffusion"])
 def test_gpu_preset_cases_trace_in_bfloat16_at_full_size(family):
   """The GPU preset cannot run here; its steps are traced (not run) at their real shapes,
   as the GPU run compiles them, so a GPU session does not discover a broken case."""

@@ -324,6 +324,25 @@ def to_unit_range(images_u8: np.ndarray) -> np.ndarray:
   return images_u8.astype(np.float32) / 127.5 - 1.0
 
 
+def indexed_test_batches(dataset: ImageDataset, batch_size: int, num_batches: int,
+                         transform=None, with_labels: bool = False) -> list[dict]:
+  """The first num_batches x batch_size test images of `dataset` in [-1, 1] (then
+  `transform(images)` if given), in batches {"images": [B, H, W, C], "index": [B]} (each
+  image's position in the split, from which evaluations draw its noise) and, with
+  `with_labels`, "labels": [B] int32. A split too small for them is a UserError."""
+  n = num_batches * batch_size
+  test = dataset.test_images
+  if len(test) < n:
+    raise UserError(f"train.eval_batches x train.batch_size = {n} test images wanted, but "
+                    f"the test split has {len(test)}: lower train.eval_batches")
+  images = to_unit_range(test[:n])
+  columns = {"images": images if transform is None else transform(images),
+             "index": np.arange(n, dtype=np.int32)}
+  if with_labels:
+    columns["labels"] = dataset.test_labels[:n].astype(np.int32)
+  return [{k: v[i:i + batch_size] for k, v in columns.items()} for i in range(0, n, batch_size)]
+
+
 def check_images(images: np.ndarray, shape: tuple[int, int, int], what: str = "images") -> None:
   """Shape [N, H, W, C] == shape and values in [-1, 1], or one clear error."""
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):

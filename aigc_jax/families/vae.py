@@ -149,17 +149,13 @@ class Family:
     """The first train.eval_batches x batch_size test images in [0, 1] (binarized once, with
     a fixed seed, for bernoulli) and their positions: {"images": [B, H, W, C], "index": [B]}."""
     if not hasattr(self, "_eval_batches"):
-      n = self.config.train.eval_batches * self.config.train.batch_size
-      test = self.dataset.test_images
-      if len(test) < n:
-        raise UserError(f"train.eval_batches x train.batch_size = {n} test images wanted, "
-                        f"but the test split has {len(test)}: lower train.eval_batches")
-      images = self.targets(image_data.to_unit_range(test[:n]), self.config.seed + 1)
-      check_targets(images, self.vae_cfg.likelihood, self.vae_cfg.image_shape)
-      B = self.config.train.batch_size
-      index = np.arange(n, dtype=np.int32)
-      self._eval_batches = [{"images": images[i:i + B], "index": index[i:i + B]}
-                            for i in range(0, n, B)]
+      def targets(images):
+        images = self.targets(images, self.config.seed + 1)
+        check_targets(images, self.vae_cfg.likelihood, self.vae_cfg.image_shape)
+        return images
+
+      self._eval_batches = image_data.indexed_test_batches(
+          self.dataset, self.config.train.batch_size, self.config.train.eval_batches, targets)
     return self._eval_batches
 
   # --- model ------------------------------------------------------------------------

@@ -47,31 +47,35 @@ def sampler(kind: str, run, steps: int | None = None):
   return lambda num, seed: family.sample_images(state.extra["ema"], num, seed, steps=steps)[0]
 
 
-def score(kind: str, workdir: str, fid, num: int, steps_sweep=()) -> tuple[dict, np.ndarray]:
-  """The run's figures and 64 of its samples."""
+def score(kind: str, workdir: str, fid, num: int, steps_sweep=(), sweep_fid=None,
+          sweep_num: int = 0) -> tuple[dict, np.ndarray]:
+  """The run's figures and 64 of its samples; for diffusion also at each of `steps_sweep`
+  sampling steps, with `sweep_num` samples scored by `sweep_fid` (default: num, fid)."""
   from aigc_jax.evaluation import image_quality
   from aigc_jax.models import diffusion_samplers
   config, run = open_ours(workdir)
   dataset = run.family.dataset
   texture = image_quality.data_texture(dataset)
   settings = [None] if kind != "diffusion" else [None, *steps_sweep]
+  sweep_fid, sweep_num = sweep_fid or fid, sweep_num or num
   out = {"workdir": workdir, "dataset": dataset.name, "config": config.to_dict().get("model"),
          "step": int(run.state.step), "train_seconds": train_seconds(workdir),
          "params": param_count_tree(run.state.params)}
   grid = None
   for steps in settings:
+    n, judge = (num, fid) if steps is None else (sweep_num, sweep_fid)
     draw = sampler(kind, run, steps)
-    draw(min(num, 500), 0)  # compile outside the timing (the samplers draw 500 at a time)
+    draw(min(n, 500), 0)  # compile outside the timing (the samplers draw 500 at a time)
     start = time.perf_counter()
-    images = draw(num, 1)
+    images = draw(n, 1)
     seconds = time.perf_counter() - start
     # A conditional diffusion model draws the classes in turn (the test set's balanced
     # shares); its class_accuracy says how often the classifier agrees.
     classes = getattr(run.family, "unet_cfg", None)
-    labels = (np.arange(num) % classes.num_classes) if classes and classes.num_classes \
+    labels = (np.arange(n) % classes.num_classes) if classes and classes.num_classes \
         else None
-    figures = image_quality.sample_quality(fid, images, dataset, texture, labels)
-    figures["sample_images_per_sec"] = num / seconds
+    figures = image_quality.sample_quality(judge, images, dataset, texture, labels)
+    figures["sample_images_per_sec"] = n / seconds
     if kind == "diffusion":
       o = run.family.sample_options(steps=steps)
       figures.update(sampler=o["sampler"], sampling_steps=o["steps"],
@@ -100,11 +104,15 @@ def table(results: dict) -> str:
                  f"{r['sample_images_per_sec']:.0f} | {r['params']:,} |")
   sweep = results["models"].get("diffusion", {}).get("steps_sweep")
   if sweep:
-    lines += ["", "| diffusion sampler | steps | NFE | fid_classifier | samples/s |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", f"FID against sampling steps ({results['sweep_samples']:,} samples each; "
+              f"fid_floor {sweep[0]['fid_floor']:.2f}):", "",
+              "| diffusion sampler | steps | NFE | fid_classifier | class_accuracy | samples/s |",
+              "|---|---:|---:|---:|---:|---:|"]
     for s in sorted(sweep, key=lambda s: s["nfe"]):
+      accuracy = f"{s['class_accuracy']:.3f}" if "class_accuracy" in s else "-"
       lines.append(f"| {s['sampler']} | {s['sampling_steps']} | {s['nfe']} | "
-                   f"{s['fid_classifier']:.2f} | {s['sample_images_per_sec']:.0f} |")
+                   f"{s['fid_classifier']:.2f} | {accuracy} | "
+                   f"{s['sample_images_per_sec']:.0f} |")
   return "\n".join(lines)
 
 
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--samples", type=int, default=10000, help="generated images per model")
   p.add_argument("--steps-sweep", default="5,10,25,50",
                  help="diffusion: sampling steps for the FID-vs-NFE curve (comma-separated)")
+  p.add_argument("--sweep-samples", type=int, default=0,
+                 help="generated images per point of that curve (default: --samples)")
   p.add_argument("--cache", default=DEFAULT_CACHE, help="the classifier's cache folder")
   p.add_argument("--out", default="benchmarks/results/image_models.json")
   p.add_argument("--png", default="benchmarks/results/image_models.png")
@@ -130,10 +140,15 @@ def main(argv: list[str] | None = None) -> dict:
   from aigc_jax.files import write_text
   dataset = open_ours(next(iter(runs.values())))[1].family.dataset  # the runs' data
   fid = load_or_train(dataset, args.cache, num_samples=args.samples, epochs=2, seed=0)
-  results = {"samples": args.samples, "classifier": fid.summary(), "models": {}}
+  sweep_samples = args.sweep_samples or args.samples
+  sweep_fid = fid if sweep_samples == args.samples else load_or_train(
+      dataset, args.cache, num_samples=sweep_samples, epochs=2, seed=0)  # same classifier
+  results = {"samples": args.samples, "sweep_samples": sweep_samples,
+             "classifier": fid.summary(), "models": {}}
   panels = []
   for kind, workdir in runs.items():
-    results["models"][kind], grid = score(kind, workdir, fid, args.samples, steps_sweep)
+    results["models"][kind], grid = score(kind, workdir, fid, args.samples, steps_sweep,
+                                          sweep_fid, sweep_samples)
     if results["models"][kind]["dataset"] != dataset.name:
       p.error(f"{workdir} trained on {results['models'][kind]['dataset']}, not {dataset.name}")
     r = results["models"][kind]

@@ -42,6 +42,7 @@ def test_the_comparison_scores_every_model_with_one_classifier(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
   results = image_models.main(["--gan", runs["gan"], "--diffusion", runs["diffusion"],
                                "--samples", "300", "--steps-sweep", "2,4",
+                               "--sweep-samples", "200",
                                "--cache", str(tmp_path / "cache"),
                                "--out", str(tmp_path / "cmp.json"),
                                "--png", str(tmp_path / "cmp.png")])
@@ -49,6 +50,9 @@ def test_the_comparison_scores_every_model_with_one_classifier(tmp_path):
   assert gan["nfe"] == 1 and diffusion["nfe"] == 11  # heun, 6 steps
   assert [s["nfe"] for s in diffusion["steps_sweep"]] == [3, 7]
   assert gan["fid_floor"] == diffusion["fid_floor"]  # one classifier, one sample count
+  # The curve's points: fewer samples, so their own (higher) floor from the same classifier.
+  assert diffusion["steps_sweep"][0]["fid_floor"] > gan["fid_floor"]
+  assert "FID against sampling steps (200 samples each" in (tmp_path / "cmp.md").read_text()
   assert gan["train_seconds"] > 0 and diffusion["params"] > 0
   assert (tmp_path / "cmp.png").exists()
   assert "| gan (20 steps) |" in (tmp_path / "cmp.md").read_text()

@@ -134,12 +134,21 @@ def test_text_normalisation_and_file_header(tmp_path):
   _write(tmp_path, "h.abc", "% a file header\nL:1/16\nZ:someone@example.org\n\n"
          "X: 12\nT: Spaced  \nZ:a transcriber\nN:a note\nM:C|\n%Q:80\nK: Dmix \nA4 B4 |]  \n")
   [tune], _ = read_abc_folder(str(tmp_path))
-  assert tune.text == "X:1\nT:Spaced\nM:C|\nL:1/16\nK:Dmix\nA4 B4 |]\n"
+  # The title stays in `fields`; the header is in the prompt order X, M, L, R, ..., K.
+  assert tune.text == "X:1\nM:C|\nL:1/16\nK:Dmix\nA4 B4 |]\n"
   assert tune.fields == {"X": "12", "T": "Spaced", "Z": "a transcriber", "N": "a note",
                          "M": "C|", "K": "Dmix", "L": "1/16"}
   assert tune.line == 5
   [whole], _ = read_abc_folder(str(tmp_path), text_fields=None)  # every field kept
   assert "N:a note\n" in whole.text and "Z:a transcriber\n" in whole.text
+
+
+def test_headers_are_put_in_the_order_a_prompt_conditions_on(tmp_path):
+  _write(tmp_path, "o.abc", "X:3\nR:jig\nT:A title\nQ:120\n%%MIDI program 1\nL:1/8\n"
+         "M:6/8\nK:D\nDFA dAF |]\n")
+  [tune], _ = read_abc_folder(str(tmp_path))
+  assert tune.text == "X:1\nM:6/8\nL:1/8\nR:jig\nQ:120\n%%MIDI program 1\nK:D\nDFA dAF |]\n"
+  assert tune.fields["T"] == "A title"
 
 
 def test_root_argument_and_environment_override(tmp_path, monkeypatch):

@@ -26,7 +26,11 @@ _SPACE_OR_CONTINUATION = re.compile(r"[\s\\]+")
 # voices, macros) and the key. Bibliographic ones (area, book, composer, discography,
 # file, group, history, notes, origin, source, transcriber: catalogue numbers, e-mail
 # addresses) stay in `fields` only.
-TEXT_FIELDS = "XTRMLQPIUVmK"
+TEXT_FIELDS = "XRMLQPIUVmK"  # titles (T) stay in `fields`: a prompt need not invent one
+# Header order in a tune's text: X first, then the fields a prompt conditions on (meter,
+# unit length, rhythm), then the rest in their order, K last (ABC's rule), so that
+# "X:1\nM:6/8\nL:1/8\nK:D\n" is the start of a training text.
+HEADER_ORDER = "XMLR"
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,8 @@ def parse_tune(tune: TuneLines, inherited: Sequence[str] = (),
   `text_fields` stay in the text (all of them when None; the others, with the lines that
   continue them, are left to `fields`); `%` comment lines leave the header, `%%`
   directives stay; file-header fields the tune lacks (`inherited`, e.g. `L:1/16`) are
-  inserted just before `K:`; body lines are kept as they are, trailing whitespace
-  stripped; the text ends with one newline."""
+  inserted just before `K:`; the header is put in HEADER_ORDER; body lines are kept as
+  they are, trailing whitespace stripped; the text ends with one newline."""
   lines = tune.lines
   key_at = next((i for i, line in enumerate(lines) if line.startswith("K:")), None)
   if key_at is None:
@@ -129,7 +133,26 @@ def parse_tune(tune: TuneLines, inherited: Sequence[str] = (),
       fields[name] = value
       if keep(name):
         header.insert(len(header) - 1, f"{name}:{value}")
-  return ParsedTune("\n".join(header + body) + "\n", fields, music_id(fields, body))
+  return ParsedTune("\n".join(_ordered(header) + body) + "\n", fields, music_id(fields, body))
+
+
+def _ordered(header: list[str]) -> list[str]:
+  """Header lines in HEADER_ORDER (others after them in their order, K last), each field
+  with the lines that continue it (`+:` and directives after it) kept behind it."""
+  entries: list[list[str]] = []
+  for line in header:
+    if entries and _FIELD.match(line) is None:  # a continuation or directive
+      entries[-1].append(line)
+    else:
+      entries.append([line])
+
+  def rank(entry: list[str]) -> int:
+    m = _FIELD.match(entry[0])
+    name = m.group(1) if m else ""
+    return (HEADER_ORDER.index(name) if name in HEADER_ORDER
+            else len(HEADER_ORDER) + (1 if name == "K" else 0))
+
+  return [line for entry in sorted(entries, key=rank) for line in entry]
 
 
 def music_key(fields: dict[str, str], body: list[str]) -> str:

@@ -1,9 +1,12 @@
 """Text corpora: the Python standard library's source (the default, on every machine),
-any plain-text file or folder, and tfds text datasets; deterministic train/val splits."""
+any plain-text file or folder, tfds text datasets, and ABC folk tunes (music21's corpus
+or a folder of .abc files); deterministic train/val splits."""
 
 from __future__ import annotations
 
 import codecs
+import logging
+import os
 import sysconfig
 import tokenize
 import zlib
@@ -136,10 +139,38 @@ def split_documents(docs: list[Document],
   return train, val
 
 
+def abc_tunes(folder: str = "", collections=(), strict: bool = False) -> list:
+  """ABC tunes (`aigc_jax.data.abc_corpus.Tune`, one normalised tune each): those of a
+  user's `folder` of .abc files, else of music21's corpus (`collections` of it; () its
+  three folk collections), duplicates removed; malformed tunes are skipped and counted
+  in the log, or with `strict` refused with their file and line."""
+  from aigc_jax.data import abc_corpus
+  if folder:
+    tunes, report = abc_corpus.read_abc_folder(os.path.expanduser(folder), strict=strict)
+  else:
+    tunes, report = abc_corpus.load_abc_tunes(collections=list(collections) or None,
+                                              strict=strict)
+  logging.info("ABC tunes: %s", report)
+  if not tunes:
+    raise UserError(f"no readable ABC tunes in {folder or 'the corpus'} ({report})")
+  return tunes
+
+
+def _tune_documents(tunes) -> list[Document]:
+  return [(f"{t.collection}/{t.source}:{t.line}", t.text) for t in tunes]
+
+
 def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
   """(train, val) documents for the `data` section of a run config."""
   name = data_cfg.name
   encoding = data_cfg.get("encoding", "utf-8")  # data sections built by hand may lack it
+  if name == "abc":  # split by tune (a hash of its music), so no tune is in both
+    from aigc_jax.data.abc_corpus import split_tunes
+    tunes = abc_tunes(data_cfg.abc_path, data_cfg.abc_collections, data_cfg.abc_strict)
+    if data_cfg.get("val_path"):
+      return _tune_documents(tunes), _tune_documents(
+          abc_tunes(data_cfg.val_path, strict=data_cfg.abc_strict))
+    return tuple(map(_tune_documents, split_tunes(tunes, data_cfg.val_fraction)))
   if name == "stdlib":
     docs = stdlib_documents(data_cfg.get("limit_files", 0))
   elif name == "text":
@@ -150,7 +181,8 @@ def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
     docs = tfds_documents(data_cfg.tfds_name, data_cfg.tfds_split, data_cfg.tfds_text_key,
                           data_cfg.tfds_data_dir)
   else:
-    raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text' or 'tfds'")
+    raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text', 'tfds' "
+                    "or 'abc'")
   if data_cfg.get("val_path"):
     return docs, text_documents(data_cfg.val_path, encoding, "val_path")
   return split_documents(docs, data_cfg.val_fraction)

@@ -127,4 +127,7 @@ def load_tokenizer(directory: str):
     head = json.load(f)
   if head.get("kind") == "byte":
     return ByteTokenizer()
+  if head.get("kind") == "abc":
+    from aigc_jax.data.abc_tokenizer import AbcTokenizer  # it imports this module
+    return AbcTokenizer.load(path)
   return BpeTokenizer.load(path)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from aigc_jax.config import require, require_finite_range, require_positive
 from aigc_jax.data import text as text_data
+from aigc_jax.data.abc_tokenizer import AbcTokenizer
 from aigc_jax.data.batching import TokenWindows, eval_windows
 from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
 from aigc_jax.errors import UserError
@@ -60,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       scan_layers=False,  # stacked blocks under lax.scan: compile time flat in depth
       logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(
-      name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds
+      name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds | abc
       path="",  # text only: a text file (split by lines) or a folder (split by file)
       val_path="",  # any source: validation text, instead of splitting off val_fraction
       val_fraction=0.05,  # without val_path only
@@ -71,8 +72,14 @@ def default_config() -> ml_collections.ConfigDict:
       encoding="utf-8",
       limit_files=0,  # stdlib only: use the first N files (0: all)
       seq_len=64,
-      tokenizer="byte",  # byte | bpe (trained on the training split, saved with the run)
+      # byte | bpe | abc (ABC music's units, with a byte fallback); bpe and abc are trained
+      # on the training split and saved with the run
+      tokenizer="byte",
       bpe_vocab_size=4096,
+      # abc only: a folder of .abc files (default: music21's corpus, or
+      # $AIGC_JAX_ABC_CORPUS), the corpus's collections to read (default: its three folk
+      # collections), and whether a malformed tune is an error (default: skipped, counted).
+      abc_path="", abc_collections=(), abc_strict=False,
       # tfds only:
       tfds_name="", tfds_split="train", tfds_text_key="text", tfds_data_dir="")
   c.train = dict(steps=1000, batch_size=12, grad_accum_steps=1, log_every=50,
@@ -121,14 +128,17 @@ def validate(c) -> None:
             f"'cudnn' needs a GPU, but JAX's backend is {jax.default_backend()!r}: use 'auto'")
     require(m.dtype in ("bfloat16", "float16"), "model.attention",
             "'cudnn' needs model.dtype bfloat16 or float16")
-  require(d.tokenizer in ("byte", "bpe"), "data.tokenizer",
-          f"must be 'byte' or 'bpe', got {d.tokenizer!r}")
+  require(d.tokenizer in ("byte", "bpe", "abc"), "data.tokenizer",
+          f"must be 'byte', 'bpe' or 'abc', got {d.tokenizer!r}")
+  require(d.tokenizer == "bpe" or d.bpe_vocab_size == default_config().data.bpe_vocab_size,
+          "data.bpe_vocab_size", f"is set but data.tokenizer is {d.tokenizer!r}: set "
+          "data.tokenizer='bpe', or unset data.bpe_vocab_size")
   require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be at least 300")
-  require(d.name in ("stdlib", "text", "tfds"), "data.name",
-          f"must be 'stdlib', 'text' or 'tfds', got {d.name!r}")
+  require(d.name in ("stdlib", "text", "tfds", "abc"), "data.name",
+          f"must be 'stdlib', 'text', 'tfds' or 'abc', got {d.name!r}")
   require(d.name != "text" or bool(d.path), "data.path",
           "is required with data.name='text': a text file or a folder of text files")
-  for field in ("path", "val_path"):
+  for field in ("path", "val_path", "abc_path"):
     require(not d[field] or os.path.exists(os.path.expanduser(d[field])), f"data.{field}",
             f"{d[field]!r} does not exist")
   require(d.name != "tfds" or bool(d.tfds_name), "data.tfds_name",
@@ -160,13 +170,15 @@ def _unread_data_settings(d) -> dict[str, tuple]:
   every source) and that differ from their defaults."""
   defaults = default_config().data
   uses = {"text": "to train on data.path", "stdlib": "to read the standard library",
-          "tfds": "to read a tfds dataset"}
+          "tfds": "to read a tfds dataset", "abc": "to read ABC tunes"}
   out = {}
   for field, source in (("path", "text"), ("limit_files", "stdlib"), ("tfds_name", "tfds"),
                         ("tfds_split", "tfds"), ("tfds_text_key", "tfds"),
-                        ("tfds_data_dir", "tfds")):
+                        ("tfds_data_dir", "tfds"), ("abc_path", "abc"),
+                        ("abc_collections", "abc"), ("abc_strict", "abc")):
     default = defaults[field]
-    if d.get("name") != source and d.get(field, default) != default:
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # JSON holds lists
+    if d.get("name") != source and as_list(d.get(field, default)) != as_list(default):
       undo = f"unset data.{field}" if default == "" else f"set data.{field}={default!r}"
       out[field] = (d[field], default, f"data.name is {d.get('name')!r}, which does not read "
                     f"it: set data.name={source!r} {uses[source]}, or {undo}")
@@ -226,6 +238,8 @@ class Family:
       return load_tokenizer(self.workdir)
     if self.config.data.tokenizer == "byte":
       tok = ByteTokenizer()
+    elif self.config.data.tokenizer == "abc":
+      tok = AbcTokenizer.train(t for _, t in self._documents[0])
     else:
       tok = BpeTokenizer.train((t for _, t in self._documents[0]),
                                self.config.data.bpe_vocab_size)

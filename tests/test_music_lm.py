@@ -1,0 +1,83 @@
+"""The LM family trained on ABC tunes: the `abc` data source (split by tune) and the ABC
+tokenizer saved with the run and read back."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from aigc_jax.config import config_from_file
+from aigc_jax.data import text as text_data
+from aigc_jax.data.abc_corpus import load_abc_tunes
+from aigc_jax.data.tokenizers import load_tokenizer
+from aigc_jax.errors import UserError
+from aigc_jax.families import lm
+from aigc_jax.train import train_and_evaluate
+from tests.conftest import ROOT, TINY_CONFIG
+
+pytest.importorskip("music21", reason="the ABC corpus ships in music21 (the music extra)")
+
+
+def abc_config(**data):
+  c = config_from_file(TINY_CONFIG)
+  c.data.update(**{"name": "abc", "tokenizer": "abc", "abc_collections": ("ryansMammoth",),
+                   "seq_len": 64, "limit_files": 0, **data})
+  c.train.update(steps=6, eval_every=6, checkpoint_every=6, log_every=3)
+  return c
+
+
+def test_the_abc_source_splits_by_tune_and_the_lm_trains_on_abc_tokens(tmp_path):
+  c = abc_config()
+  train, val = text_data.load_documents(c.data)
+  tunes, _ = load_abc_tunes(collections=["ryansMammoth"])
+  assert len(train) + len(val) == len(tunes) and 0 < len(val) < 0.1 * len(tunes)
+  assert not {text for _, text in train} & {text for _, text in val}
+  assert all(text.startswith("X:1\nM:") for _, text in train[:50])  # the prompt order
+
+  summary = train_and_evaluate(c, str(tmp_path), progress=False)
+  assert np.isfinite(summary["val_loss"])
+  saved = json.loads((tmp_path / "tokenizer.json").read_text())
+  assert saved["kind"] == "abc"
+  tokenizer = load_tokenizer(str(tmp_path))
+  assert all(tokenizer.decode(tokenizer.encode(text)) == text for _, text in val)
+  # Fewer tokens than bytes: the units are ABC's (a byte tokenizer gives one per byte;
+  # this vocabulary, from one collection's ~1,000 tunes, gives ~0.77; test_abc checks the
+  # whole corpus's).
+  ids = text_data.tokenize_documents(tokenizer, val)
+  assert len(ids) < 0.85 * text_data.corpus_size_bytes(val)
+
+  family = lm.Family(c, str(tmp_path))  # the run's own tokenizer, read back
+  assert family.tokenizer.kind == "abc" and family.tokenizer.vocab_size == tokenizer.vocab_size
+  params = jax.tree.map(np.asarray, family.init_state(jax.random.PRNGKey(0)).params)
+  [out] = family.generate_text(params, ["X:1\nM:6/8\nL:1/8\nK:D\n"], max_new_tokens=8)
+  assert isinstance(out, str) and out  # a continuation of the header prompt
+
+
+def test_a_folder_of_abc_files_and_settings_the_source_does_not_read(tmp_path):
+  (tmp_path / "mine.abc").write_text(
+      "X:1\nT:One\nM:6/8\nL:1/8\nK:D\nDFA dAF | GBd gdB |]\n\n"
+      "X:2\nT:No key\nM:6/8\nDFA |]\n\n"
+      "X:3\nT:Two\nM:2/4\nL:1/8\nK:G\nGABc dBGB |]\n")
+  c = abc_config(abc_path=str(tmp_path), abc_collections=(), val_fraction=0.5)
+  train, val = text_data.load_documents(c.data)
+  assert len(train) + len(val) == 2  # the tune without K: skipped, counted in the log
+  c.data.abc_strict = True
+  with pytest.raises(UserError, match=r"mine\.abc:8: malformed ABC tune \(no K:"):
+    text_data.load_documents(c.data)
+
+  stdlib = config_from_file(TINY_CONFIG)
+  stdlib.data.abc_path = str(tmp_path)
+  with pytest.raises(UserError, match="data.abc_path.*data.name='abc'"):
+    lm.validate(stdlib)
+  stdlib = config_from_file(TINY_CONFIG)
+  stdlib.data.bpe_vocab_size = 512
+  with pytest.raises(UserError, match="data.bpe_vocab_size.*tokenizer='bpe'"):
+    lm.validate(stdlib)
+
+
+def test_the_music_config_reads_the_corpus_with_the_abc_tokenizer():
+  c = config_from_file(str(ROOT / "configs" / "music_abc.py"))
+  lm.validate(c)
+  assert c.data.name == "abc" and c.data.tokenizer == "abc"
+  assert c.sample.prompt.startswith("X:1\nM:6/8\n")

@@ -49,6 +49,17 @@ data: setup
 	  mkdir -p .data && cd .data && apt-get download dataset-fashion-mnist && \
 	  dpkg-deb -x dataset-fashion-mnist_*.deb . && rm dataset-fashion-mnist_*.deb; \
 	fi
+	@# Music to audio: FluidSynth and the General MIDI SoundFont (Debian; as root only: they
+	@# are programs with shared libraries, not data to unpack; without them the music
+	@# family still writes .abc, .mid and piano rolls, and says how to get audio).
+	@if command -v fluidsynth > /dev/null && [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
+	  true; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends fluidsynth fluid-soundfont-gm; \
+	else \
+	  echo "note: no fluidsynth: music samples get no .wav (as root: make data; or sudo apt-get install fluidsynth fluid-soundfont-gm)"; \
+	fi
 	@[ -f $(VADER_DIR)/vaderSentiment-3.3.2.tar.gz ] || \
 	  $(BIN)/python -m pip download --quiet --no-deps --no-binary :all: \
 	    'vaderSentiment==3.3.2' -d $(VADER_DIR)

@@ -1,0 +1,1 @@
+"""Symbolic music: rendering ABC tunes to MIDI, audio and piano rolls."""

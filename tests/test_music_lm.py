@@ -14,7 +14,7 @@ from aigc_jax.data.tokenizers import load_tokenizer
 from aigc_jax.errors import UserError
 from aigc_jax.families import lm
 from aigc_jax.train import train_and_evaluate
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG, run_cli
 
 pytest.importorskip("music21", reason="the ABC corpus ships in music21 (the music extra)")
 
@@ -52,6 +52,18 @@ def test_the_abc_source_splits_by_tune_and_the_lm_trains_on_abc_tokens(tmp_path)
   params = jax.tree.map(np.asarray, family.init_state(jax.random.PRNGKey(0)).params)
   [out] = family.generate_text(params, ["X:1\nM:6/8\nL:1/8\nK:D\n"], max_new_tokens=8)
   assert isinstance(out, str) and out  # a continuation of the header prompt
+
+  # `aigc-jax sample` on a music run also writes each tune as .abc (and, where music21
+  # reads it, .mid and a piano roll; no FluidSynth here: then one error naming make data).
+  proc = run_cli("sample", "--workdir", str(tmp_path), "--num", "2", "--max-new-tokens",
+                 "30", env_extra={"AIGC_JAX_FLUIDSYNTH": str(tmp_path / "none")})
+  music = tmp_path / "samples" / "music"
+  assert sorted(p.name for p in music.glob("*.abc")) == ["sample_seed0_0.abc",
+                                                         "sample_seed0_1.abc"]
+  if proc.returncode == 0:  # no sample read as music: nothing to render
+    assert "0 read as music" in proc.stderr
+  else:
+    assert proc.returncode == 2 and "make data" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_folder_of_abc_files_and_settings_the_source_does_not_read(tmp_path):

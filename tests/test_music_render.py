@@ -88,3 +88,11 @@ def test_missing_fluidsynth_names_make_data_after_writing_the_rest(tmp_path, mon
   if shutil.which("fluidsynth"):
     with pytest.raises(UserError, match="SoundFont.*make data"):
       render.fluidsynth_and_soundfont()
+
+
+def test_samples_keep_every_tune_and_name_make_data_without_fluidsynth(tmp_path, monkeypatch):
+  monkeypatch.setenv(render.FLUIDSYNTH_ENV, str(tmp_path / "no-such-fluidsynth"))
+  with pytest.raises(UserError, match=r"wrote 2 tunes .*1 read as music.*make data"):
+    render.write_samples([JIG, "X:1\nK:C\n][\n"], str(tmp_path / "out"), "s")
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "s_0.abc", "s_0.mid", "s_0.png", "s_1.abc"]

@@ -7,6 +7,7 @@ import codecs
 import functools
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -328,6 +329,12 @@ class Family:
         state.params, [p for p in prompts for _ in range(num)],
         max_new_tokens=pick("max_new_tokens"), seed=options.get("seed") or 0,
         **{key: pick(key) for key in SAMPLING_KEYS})
+    if self.tokenizer.kind == "abc":  # music: also .abc, .mid, .wav and a piano roll each
+      from aigc_jax.music.render import write_samples
+      tunes = [prompts[i // num] + text for i, text in enumerate(texts)]
+      _, summary = write_samples(tunes, os.path.join(workdir, "samples", "music"),
+                                 f"sample_seed{options.get('seed') or 0}")
+      print(summary, file=sys.stderr)
     return "\n".join(f"=== sample {i} ===\n{prompts[i // num]}{text}\n"
                      for i, text in enumerate(texts))
 

@@ -184,3 +184,21 @@ def write_tune(text: str, stem: str, audio: bool = True) -> dict:
   if audio:
     paths["wav"] = render_wav(paths["mid"], stem + ".wav")
   return paths
+
+
+def write_samples(tunes: list[str], out_dir: str, tag: str) -> tuple[list[dict], str]:
+  """Each tune as `out_dir`/`tag`_i.{abc,mid,png,wav} (`write_tune`); returns the paths
+  and a one-line summary. The .abc, .mid and .png of every tune are written before any
+  audio, so a missing FluidSynth (its UserError, raised last) loses none of them."""
+  os.makedirs(out_dir, exist_ok=True)
+  stems = [os.path.join(out_dir, f"{tag}_{i}") for i in range(len(tunes))]
+  written = [write_tune(t, stem, audio=False) for t, stem in zip(tunes, stems, strict=True)]
+  valid = [w for w in written if w["valid"]]
+  summary = (f"wrote {len(tunes)} tunes to {out_dir} ({tag}_*.abc; {len(valid)} read as "
+             "music: .mid, .png")
+  for w in valid:
+    try:
+      w["wav"] = render_wav(w["mid"], w["mid"][:-len(".mid")] + ".wav")
+    except UserError as e:
+      raise UserError(f"{summary}; no .wav: {e}") from e
+  return written, summary + ", .wav)"

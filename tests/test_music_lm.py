@@ -65,6 +65,15 @@ def test_the_abc_source_splits_by_tune_and_the_lm_trains_on_abc_tokens(tmp_path)
   else:
     assert proc.returncode == 2 and "make data" in proc.stderr, proc.stderr[-2000:]
 
+  # The quality table: the LM beside the n-gram baseline and the held-out tunes.
+  from benchmarks import music_quality
+  r = music_quality.main(["--ours", str(tmp_path), "--samples", "3",
+                          "--out", str(tmp_path / "quality.json")])
+  assert r["transformer"]["n"] == r["ngram"]["n"] == 3 and r["held_out"]["n"] == len(val)
+  assert r["ngram"]["bits_per_token"] < r["transformer"]["bits_per_token"]  # 6 steps only
+  assert r["held_out"]["validity"] > 0.8 and r["held_out"]["pitch_class_overlap"] > 0.9
+  assert "| transformer |" in (tmp_path / "quality.md").read_text()
+
 
 def test_a_folder_of_abc_files_and_settings_the_source_does_not_read(tmp_path):
   (tmp_path / "mine.abc").write_text(

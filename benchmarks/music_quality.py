@@ -34,13 +34,21 @@ def header(text: str) -> str:
   return "\n".join(lines[:end + 1]) + "\n"
 
 
+def room(run, prompt: str, max_new_tokens: int) -> int:
+  """New tokens a prompt leaves in the model's context, at most max_new_tokens."""
+  context = run.family.config.data.seq_len
+  return min(max_new_tokens, context - len(run.family.tokenizer.encode(prompt)))
+
+
 def lm_samples(run, prompts: list[str], max_new_tokens: int, seed: int) -> list[str]:
   """Each prompt and the LM's continuation (temperature 1: the model's own distribution),
-  in batches so that memory stays bounded."""
+  in batches so that memory stays bounded (each batch as long as its longest prompt
+  leaves room for)."""
   out = []
   for start in range(0, len(prompts), 50):
     batch = prompts[start:start + 50]
-    texts = run.family.generate_text(run.state.params, batch, max_new_tokens=max_new_tokens,
+    new = min(room(run, q, max_new_tokens) for q in batch)
+    texts = run.family.generate_text(run.state.params, batch, max_new_tokens=new,
                                      seed=seed + start, temperature=1.0)
     out += [p + t for p, t in zip(batch, texts, strict=True)]
   return out
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
 
   start = time.perf_counter()
   ngram = AbcNgram.train(train, a.order, run.family.tokenizer)
-  theirs = [ngram.sample(q, seed=a.seed + i, max_new_tokens=max_new)
+  theirs = [ngram.sample(q, seed=a.seed + i, max_new_tokens=room(run, q, max_new))
             for i, q in enumerate(prompts)]
   results["ngram"] = {**ngram.cross_entropy(val), "order": a.order,
                       **abc_music_stats.compare(theirs, val)}

@@ -330,6 +330,7 @@ def _quiet_background_failures() -> None:
 
 def main(argv: list[str] | None = None) -> None:
   """The `aigc-jax` entry point (see the module docstring for the commands)."""
+  argv_given = argv is not None
   given = (sys.argv if argv is None else argv)[1:2]
   training = given in (["train"], ["finetune"])
   # First: a Ctrl-C from here on never raises inside library code (train/interrupts.py).
@@ -398,7 +399,10 @@ def main(argv: list[str] | None = None) -> None:
     print("interrupted: the export was not written", file=sys.stderr)
     sys.exit(130)
   finally:
-    interrupts.restore(previous)  # main() called in a process that goes on
+    if argv_given:
+      interrupts.restore(previous)  # main() called in a process that goes on
+    elif interrupting:
+      interrupts.take_over_for_exit()  # the process is ending
 
 
 if __name__ == "__main__":

@@ -280,9 +280,13 @@ def test_ctrl_c_while_a_resumed_run_starts_never_crashes_and_the_resume_is_exact
   time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode in (75, 130), stderr[-3000:]  # 75: the first ended it already
+  # 75: the first ended it already; 130: the second ended it at once, while it started or
+  # exited; -SIGINT: the second came in Python's last teardown, after its handlers are
+  # gone (a shell reports that as 130 too).
+  assert proc.returncode in (75, 130, -signal.SIGINT), stderr[-3000:]
   if proc.returncode == 130:
-    assert "interrupted again while starting: stopped at once" in stderr, stderr[-3000:]
+    assert ("interrupted again while starting: stopped at once" in stderr
+            or "interrupted while exiting" in stderr), stderr[-3000:]
   assert "Traceback" not in stderr, stderr[-3000:]
   proc = subprocess.Popen([sys.executable, "-m", "aigc_jax.cli", "eval", "--workdir",
                            str(workdir)], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -48,6 +48,16 @@ def take_over(*, exit_now: bool) -> dict:
   return {s: signal.signal(s, handler) for s in SIGNALS}
 
 
+def take_over_for_exit() -> None:
+  """For a process that is ending: a signal now ends it at once with 128 + the signal,
+  never a KeyboardInterrupt (which Python ends by killing itself with SIGINT, after a
+  traceback). Python's own teardown resets the handlers at its very end; a signal in
+  that last moment kills the process with SIGINT, which a shell reports as 130 too."""
+  for s in SIGNALS:
+    signal.signal(s, lambda signum, _frame: exit_at_once(
+        signum, "interrupted while exiting: the run's files were already written"))
+
+
 def restore(previous: dict) -> None:
   """Puts back the handlers `take_over` replaced, and forgets a noted signal."""
   for s, handler in previous.items():

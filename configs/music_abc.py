@@ -13,6 +13,9 @@ def get_config():
   c.data.update(name="abc", tokenizer="abc", seq_len=256)
   c.train.update(steps=2000, batch_size=16, log_every=50, eval_every=500, eval_batches=16,
                  checkpoint_every=500)
+  # Each evaluation also samples 100 tunes prompted with held-out headers and reports their
+  # validity, key consistency and histogram overlaps (music_* in metrics.jsonl).
+  c.music.update(eval_samples=100)
   c.optim.update(lr=3e-3, warmup_steps=100, weight_decay=0.1)
   c.sample.update(prompt="X:1\nM:6/8\nL:1/8\nK:D\n", num=2, max_new_tokens=240,
                   temperature=0.8, top_p=0.95)

@@ -24,6 +24,7 @@ def abc_config(**data):
   c.data.update(**{"name": "abc", "tokenizer": "abc", "abc_collections": ("ryansMammoth",),
                    "seq_len": 64, "limit_files": 0, **data})
   c.train.update(steps=6, eval_every=6, checkpoint_every=6, log_every=3)
+  c.music.update(eval_samples=3, eval_max_new_tokens=40)
   return c
 
 
@@ -37,6 +38,11 @@ def test_the_abc_source_splits_by_tune_and_the_lm_trains_on_abc_tokens(tmp_path)
 
   summary = train_and_evaluate(c, str(tmp_path), progress=False)
   assert np.isfinite(summary["val_loss"])
+  assert summary["val_bits_per_token"] == pytest.approx(summary["val_loss"] / np.log(2))
+  # Each evaluation samples music.eval_samples tunes and measures them beside the held-out
+  # tunes (after 6 steps the tunes are noise: few parse, and none keeps its meter).
+  assert summary["music_n"] == 3 and 0 <= summary["music_validity"] <= 0.34
+  assert 0 <= summary["music_parse_rate"] <= 1 and 0 < summary["music_pitch_class_kl"]
   saved = json.loads((tmp_path / "tokenizer.json").read_text())
   assert saved["kind"] == "abc"
   tokenizer = load_tokenizer(str(tmp_path))
@@ -91,6 +97,14 @@ def test_a_folder_of_abc_files_and_settings_the_source_does_not_read(tmp_path):
   stdlib.data.abc_path = str(tmp_path)
   with pytest.raises(UserError, match="data.abc_path.*data.name='abc'"):
     lm.validate(stdlib)
+  stdlib = config_from_file(TINY_CONFIG)
+  stdlib.music.eval_samples = 8
+  with pytest.raises(UserError, match="music.eval_samples.*data.tokenizer='abc'"):
+    lm.validate(stdlib)
+  music = abc_config()
+  music.music.update(eval_samples=0)
+  with pytest.raises(UserError, match="music.eval_max_new_tokens.*music.eval_samples is 0"):
+    lm.validate(music)
   stdlib = config_from_file(TINY_CONFIG)
   stdlib.data.bpe_vocab_size = 512
   with pytest.raises(UserError, match="data.bpe_vocab_size.*tokenizer='bpe'"):

@@ -91,6 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Samples written at each evaluation (num=0: none), and the CLI's sampling defaults.
   c.sample = dict(prompt="def ", num=2, max_new_tokens=200, temperature=0.8, top_k=0,
                   top_p=0.95, repetition_penalty=1.0)  # 1.0: no penalty
+  # Music runs (data.tokenizer='abc') only: at each evaluation, sample eval_samples tunes
+  # prompted with held-out tunes' headers, each up to eval_max_new_tokens new tokens (0:
+  # the context less the prompt), and report their validity, key consistency and
+  # histogram overlaps with the held-out tunes (evaluation/music_eval.py); 0: none.
+  c.music = dict(eval_samples=0, eval_max_new_tokens=0)
   c.mesh = mesh_lib.default_mesh_config()
   return c
 
@@ -163,6 +168,21 @@ def validate(c) -> None:
           "data.val_path), or unset data.encoding")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
+  _validate_music(c)
+
+
+def _validate_music(c) -> None:
+  if "music" not in c:  # a config built by hand may lack the section
+    return
+  samples, max_new = c.music.eval_samples, c.music.eval_max_new_tokens
+  require_finite_range(c, "music.eval_samples", 0, integer=True)
+  require_finite_range(c, "music.eval_max_new_tokens", 0, integer=True)
+  require(samples == 0 or c.data.tokenizer == "abc", "music.eval_samples",
+          f"is {samples}, but data.tokenizer is {c.data.tokenizer!r}: music figures need an "
+          "ABC music run (data.tokenizer='abc'); set music.eval_samples=0")
+  require(max_new == 0 or samples > 0, "music.eval_max_new_tokens",
+          f"is {max_new}, but music.eval_samples is 0, so no tune is sampled: set "
+          "music.eval_samples, or unset music.eval_max_new_tokens")
 
 
 def _unread_data_settings(d) -> dict[str, tuple]:
@@ -302,10 +322,27 @@ class Family:
   def summarize_eval(self, sums: dict) -> dict:
     loss = sums["nll_sum"] / sums["tokens"]
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
+            "val_bits_per_token": loss / math.log(2),
             "val_bits_per_byte": sums["nll_sum"] / (math.log(2) * sums["bytes"])}
 
+  @functools.cached_property
+  def _held_out_tunes(self) -> tuple[list, list[str]]:
+    """(the validation tunes parsed, their headers): the music figures' reference."""
+    from aigc_jax.evaluation import abc_music, music_eval
+    texts = [text for _, text in self._documents[1]]
+    return abc_music.parse_all(texts), [music_eval.tune_header(t) for t in texts]
+
   def sample_metrics(self, state: TrainState) -> dict:
-    return {}  # the LM is measured by its held-out likelihood alone
+    """A text LM is measured by its held-out likelihood alone; a music run with
+    music.eval_samples also by tunes it samples (`music_eval.sample_metrics`)."""
+    music = self.config.get("music") or {}
+    if not music.get("eval_samples"):
+      return {}
+    from aigc_jax.evaluation import music_eval
+    reference, headers = self._held_out_tunes
+    return music_eval.sample_metrics(
+        self, state.params, reference, headers, music.eval_samples,
+        music.eval_max_new_tokens or self.model_cfg.max_seq_len, seed=self.config.seed + 7)
 
   # --- samples ----------------------------------------------------------------------
   def generate_text(self, params, prompts: list[str], *, max_new_tokens: int, seed: int = 0,

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
   from aigc_jax.music.render import write_samples
 
   config, run = open_ours(a.ours)
-  if config.data.tokenizer != "abc":
-    p.error(f"{a.ours} is not a music run (data.tokenizer={config.data.tokenizer!r})")
+  if run.family.tokenizer.kind != "abc":
+    p.error(f"{a.ours} is not a music run (its tokenizer is {run.family.tokenizer.kind!r})")
   train_docs, val_docs = run.family._documents
   train, val = [t for _, t in train_docs], [t for _, t in val_docs]
   prompts = [music_eval.tune_header(val[i % len(val)]) for i in range(a.samples)]
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
              "train_tunes": len(train), "val_tunes": len(val), "max_new_tokens": max_new}
   start = time.perf_counter()
   metrics = run.evaluate()
-  ours = music_eval.sample_tunes(run.family, run.state.params, prompts, max_new, a.seed)
+  weights = run.family.weights(run.state)  # the parameters (with frozen ones: the state)
+  ours = music_eval.sample_tunes(run.family, weights, prompts, max_new, a.seed)
   results["transformer"] = {"bits_per_token": metrics["val_loss"] / math.log(2),
                             "bits_per_byte": metrics["val_bits_per_byte"],
                             **abc_music_stats.compare(ours, val)}
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
   reference = [train[i] for i in rng.choice(len(train), min(len(train), 2000), replace=False)]
   results["held_out"] = abc_music_stats.compare(val, reference)  # real tunes vs training
 
-  results["conditioning"] = music_eval.conditioning_samples(run.family, run.state.params,
-                                                            a.samples, max_new, a.seed)
+  results["conditioning"] = music_eval.conditioning_samples(run.family, weights, a.samples,
+                                                            max_new, a.seed)
   written, summary = write_samples(ours[:4], os.path.join(a.ours, "samples", "music"),
                                    "quality")
   results["sample_files"] = written

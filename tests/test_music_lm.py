@@ -116,3 +116,61 @@ def test_the_music_config_reads_the_corpus_with_the_abc_tokenizer():
   lm.validate(c)
   assert c.data.name == "abc" and c.data.tokenizer == "abc"
   assert c.sample.prompt.startswith("X:1\nM:6/8\n")
+
+
+def test_pretrain_then_fine_tune_on_one_meter(tmp_path):
+  """An ABC LM fine-tuned on its 6/8 tunes with the fine-tuning machinery: it starts from
+  the pretrained weights exactly, learns, keeps the held-out 6/8 tunes out of both runs,
+  and samples music files; formats and tasks that do not go together are refused."""
+  from aigc_jax.families import finetune
+  pre = tmp_path / "pre"
+  c = abc_config()
+  train_and_evaluate(c, str(pre), progress=False)
+
+  ft = config_from_file(str(ROOT / "configs" / "music_abc_jigs.py"))
+  ft.pretrained.path = str(pre)
+  ft.data.update(abc_collections=("ryansMammoth",), seq_len=64, max_eval_examples=32)
+  ft.train.update(steps=8, batch_size=4, eval_every=8, checkpoint_every=8, log_every=4)
+  ft.music.update(eval_samples=2, eval_max_new_tokens=24)
+  ft.sample.update(num=1, max_new_tokens=16)
+  finetune.validate(ft)
+  family = finetune.Family(ft, str(tmp_path / "ft"))
+  train_docs, val_docs = family._documents
+  assert all("\nM:6/8\n" in text for _, text in train_docs + val_docs)
+  _, pre_val = text_data.load_documents(c.data)  # the pretraining run's held-out tunes
+  assert {t for _, t in val_docs} <= {t for _, t in pre_val}
+  assert family.tokenizer.vocab_size == load_tokenizer(str(pre)).vocab_size
+
+  summary = train_and_evaluate(ft, str(tmp_path / "ft"), progress=False)
+  rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text()
+          .splitlines()]
+  evals = [r for r in rows if "val_loss" in r]
+  assert evals[0]["step"] == 0 and summary["val_loss"] < evals[0]["val_loss"]
+  # At step 0 the fine-tuning model is the pretrained one: its held-out loss there is the
+  # pretrained model's on the same windows.
+  from aigc_jax.train import open_run
+  pre_run = open_run(c, str(pre), for_training=False)
+  sums = {}
+  for batch in family.eval_batches():
+    for k, v in pre_run.family.eval_step(pre_run.state, batch).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  assert evals[0]["val_loss"] == pytest.approx(sums["nll_sum"] / sums["tokens"], rel=1e-5)
+  assert summary["music_n"] == 2 and 0 <= summary["music_parse_rate"] <= 1
+
+  proc = run_cli("sample", "--workdir", str(tmp_path / "ft"), "--num", "1",
+                 "--max-new-tokens", "20", env_extra={"AIGC_JAX_FLUIDSYNTH": "/nonexistent"})
+  assert (tmp_path / "ft" / "samples" / "music" / "sample_seed0_0.abc").exists()
+  assert proc.returncode in (0, 2), proc.stderr[-2000:]
+
+  bad = config_from_file(str(ROOT / "configs" / "music_abc_jigs.py"))
+  bad.task.name, bad.data.name, bad.data.abc_fields = "sft", "stdlib_functions", ()
+  with pytest.raises(UserError, match="pretrained.format.*task 'lm'"):
+    finetune.validate(bad)
+  bad = config_from_file(str(ROOT / "configs" / "music_abc_jigs.py"))
+  bad.data.name = "text"
+  with pytest.raises(UserError, match="data.abc_fields.*data.name='abc'"):
+    finetune.validate(bad)
+  bad = config_from_file(str(ROOT / "configs" / "music_abc_jigs.py"))
+  bad.pretrained.path = str(tmp_path / "nowhere")
+  with pytest.raises(UserError, match="is not a folder"):
+    finetune.Family(bad, str(tmp_path / "ft2"))

@@ -219,3 +219,18 @@ def split_tunes(tunes: Sequence[Tune], validation_fraction: float = 0.05,
   flags = [in_validation(t, validation_fraction, seed) for t in tunes]
   train = [t for t, v in zip(tunes, flags, strict=True) if not v]
   return train, [t for t, v in zip(tunes, flags, strict=True) if v]
+
+
+def select_tunes(tunes: Sequence[Tune], fields: Sequence[str]) -> list[Tune]:
+  """The tunes whose header has every one of `fields` ('M:6/8', 'R:jig'; values compared
+  without case or surrounding spaces; a repeated field matches on any of its values):
+  one tune type or one meter of a collection."""
+  wanted = []
+  for item in fields:
+    name, sep, value = str(item).partition(":")
+    if not (sep and len(name) == 1 and name.isalpha() and value.strip()):
+      raise UserError(f"ABC field filter {item!r} is not 'F:value' (e.g. 'M:6/8', 'R:jig')")
+    wanted.append((name, value.strip().lower()))
+  values = lambda t, name: {v.strip().lower() for v in t.fields.get(name, "").split("\n")}
+  return [t for t in tunes if all(v in values(t, name) for name, v in wanted)]
+

@@ -139,11 +139,12 @@ def split_documents(docs: list[Document],
   return train, val
 
 
-def abc_tunes(folder: str = "", collections=(), strict: bool = False) -> list:
+def abc_tunes(folder: str = "", collections=(), strict: bool = False, fields=()) -> list:
   """ABC tunes (`aigc_jax.data.abc_corpus.Tune`, one normalised tune each): those of a
   user's `folder` of .abc files, else of music21's corpus (`collections` of it; () its
   three folk collections), duplicates removed; malformed tunes are skipped and counted
-  in the log, or with `strict` refused with their file and line."""
+  in the log, or with `strict` refused with their file and line. `fields` ('M:6/8',
+  'R:jig'): only the tunes whose header has them all (`abc_corpus.select_tunes`)."""
   from aigc_jax.data import abc_corpus
   if folder:
     tunes, report = abc_corpus.read_abc_folder(os.path.expanduser(folder), strict=strict)
@@ -153,6 +154,11 @@ def abc_tunes(folder: str = "", collections=(), strict: bool = False) -> list:
   logging.info("ABC tunes: %s", report)
   if not tunes:
     raise UserError(f"no readable ABC tunes in {folder or 'the corpus'} ({report})")
+  if fields:
+    tunes = abc_corpus.select_tunes(tunes, fields)
+    if not tunes:
+      raise UserError(f"no ABC tune in {folder or 'the corpus'} has the header fields "
+                      f"{list(fields)}: check data.abc_fields against the tunes' headers")
   return tunes
 
 
@@ -166,11 +172,19 @@ def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
   encoding = data_cfg.get("encoding", "utf-8")  # data sections built by hand may lack it
   if name == "abc":  # split by tune (a hash of its music), so no tune is in both
     from aigc_jax.data.abc_corpus import split_tunes
-    tunes = abc_tunes(data_cfg.abc_path, data_cfg.abc_collections, data_cfg.abc_strict)
+    fields = tuple(data_cfg.get("abc_fields", ()))
+    tunes = abc_tunes(data_cfg.abc_path, data_cfg.abc_collections, data_cfg.abc_strict,
+                      fields)
     if data_cfg.get("val_path"):
       return _tune_documents(tunes), _tune_documents(
-          abc_tunes(data_cfg.val_path, strict=data_cfg.abc_strict))
+          abc_tunes(data_cfg.val_path, strict=data_cfg.abc_strict, fields=fields))
     return tuple(map(_tune_documents, split_tunes(tunes, data_cfg.val_fraction)))
+  if name == "chorales":  # split by melody, so no hymn tune is in both
+    from aigc_jax.data import chorales
+    found, report = chorales.load_chorales()
+    logging.info("chorales: %s", report)
+    return tuple([(f"chorales/{c.name}", chorales.to_events(c)) for c in part]
+                 for part in chorales.split_chorales(found, data_cfg.val_fraction))
   if name == "stdlib":
     docs = stdlib_documents(data_cfg.get("limit_files", 0))
   elif name == "text":
@@ -181,8 +195,8 @@ def load_documents(data_cfg) -> tuple[list[Document], list[Document]]:
     docs = tfds_documents(data_cfg.tfds_name, data_cfg.tfds_split, data_cfg.tfds_text_key,
                           data_cfg.tfds_data_dir)
   else:
-    raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text', 'tfds' "
-                    "or 'abc'")
+    raise UserError(f"data.name={name!r} is not a text source: use 'stdlib', 'text', 'tfds', "
+                    "'abc' or 'chorales'")
   if data_cfg.get("val_path"):
     return docs, text_documents(data_cfg.val_path, encoding, "val_path")
   return split_documents(docs, data_cfg.val_fraction)

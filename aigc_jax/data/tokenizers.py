@@ -127,6 +127,9 @@ def load_tokenizer(directory: str):
     head = json.load(f)
   if head.get("kind") == "byte":
     return ByteTokenizer()
+  if head.get("kind") == "chorale":
+    from aigc_jax.data.chorale_tokenizer import ChoraleTokenizer
+    return ChoraleTokenizer.load(path)
   if head.get("kind") == "abc":
     from aigc_jax.data.abc_tokenizer import AbcTokenizer  # it imports this module
     return AbcTokenizer.load(path)

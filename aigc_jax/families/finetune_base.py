@@ -24,7 +24,7 @@ from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
 
-FORMATS = ("gguf", "hf")
+FORMATS = ("gguf", "hf", "run")
 LORA_ALL_LINEAR = (r"attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)$")
 
 
@@ -34,6 +34,9 @@ def load_pretrained(pretrained_cfg, **overrides):
   if fmt == "gguf":
     from aigc_jax.pretrained.gguf import load_gguf, smollm2_path
     return load_gguf(path or smollm2_path(), **overrides)
+  if fmt == "run":  # a language model this library trained, with its own tokenizer
+    from aigc_jax.pretrained.run import load_run
+    return load_run(path, **overrides)
   from aigc_jax.pretrained.hf import load_hf
   model, tokenizer = load_hf(path, **overrides)
   if tokenizer is None:

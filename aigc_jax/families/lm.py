@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import codecs
 import functools
-import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from aigc_jax.config import require, require_finite_range, require_positive
 from aigc_jax.data import text as text_data
 from aigc_jax.data.abc_tokenizer import AbcTokenizer
-from aigc_jax.data.batching import TokenWindows, eval_windows
+from aigc_jax.data.chorale_tokenizer import ChoraleTokenizer
 from aigc_jax.data.tokenizers import BpeTokenizer, ByteTokenizer, load_tokenizer
 from aigc_jax.errors import UserError
-from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling, generate
+from aigc_jax.families.lm_text import TextLm
+from aigc_jax.models.sampling import SAMPLING_KEYS, check_sampling
 from aigc_jax.models.transformer import (
   ATTENTION_IMPLEMENTATIONS,
   DTYPES,
@@ -62,7 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
       scan_layers=False,  # stacked blocks under lax.scan: compile time flat in depth
       logits_chunk=0)  # positions whose logits a loss forms at once (0: all; nn.cross_entropy)
   c.data = dict(
-      name="stdlib",  # stdlib (Python's own source) | text (data.path) | tfds | abc
+      # stdlib (Python's own source) | text (data.path) | tfds | abc (ABC folk tunes) |
+      # chorales (Bach's, as event words; data.tokenizer='chorale')
+      name="stdlib",
       path="",  # text only: a text file (split by lines) or a folder (split by file)
       val_path="",  # any source: validation text, instead of splitting off val_fraction
       val_fraction=0.05,  # without val_path only
@@ -73,14 +73,15 @@ def default_config() -> ml_collections.ConfigDict:
       encoding="utf-8",
       limit_files=0,  # stdlib only: use the first N files (0: all)
       seq_len=64,
-      # byte | bpe | abc (ABC music's units, with a byte fallback); bpe and abc are trained
-      # on the training split and saved with the run
+      # byte | bpe | abc (ABC music's units, with a byte fallback) | chorale (the chorales'
+      # event words); bpe and abc are trained on the training split; all saved with the run
       tokenizer="byte",
       bpe_vocab_size=4096,
       # abc only: a folder of .abc files (default: music21's corpus, or
       # $AIGC_JAX_ABC_CORPUS), the corpus's collections to read (default: its three folk
-      # collections), and whether a malformed tune is an error (default: skipped, counted).
-      abc_path="", abc_collections=(), abc_strict=False,
+      # collections), whether a malformed tune is an error (default: skipped, counted),
+      # and header fields every tune kept must have (('M:6/8',) or ('R:jig',): one type).
+      abc_path="", abc_collections=(), abc_strict=False, abc_fields=(),
       # tfds only:
       tfds_name="", tfds_split="train", tfds_text_key="text", tfds_data_dir="")
   c.train = dict(steps=1000, batch_size=12, grad_accum_steps=1, log_every=50,
@@ -134,14 +135,17 @@ def validate(c) -> None:
             f"'cudnn' needs a GPU, but JAX's backend is {jax.default_backend()!r}: use 'auto'")
     require(m.dtype in ("bfloat16", "float16"), "model.attention",
             "'cudnn' needs model.dtype bfloat16 or float16")
-  require(d.tokenizer in ("byte", "bpe", "abc"), "data.tokenizer",
-          f"must be 'byte', 'bpe' or 'abc', got {d.tokenizer!r}")
+  require(d.tokenizer in ("byte", "bpe", "abc", "chorale"), "data.tokenizer",
+          f"must be 'byte', 'bpe', 'abc' or 'chorale', got {d.tokenizer!r}")
+  require((d.tokenizer == "chorale") == (d.name == "chorales"), "data.tokenizer",
+          f"is {d.tokenizer!r} with data.name={d.name!r}: the chorales' event words are "
+          "read with data.tokenizer='chorale', which reads nothing else")
   require(d.tokenizer == "bpe" or d.bpe_vocab_size == default_config().data.bpe_vocab_size,
           "data.bpe_vocab_size", f"is set but data.tokenizer is {d.tokenizer!r}: set "
           "data.tokenizer='bpe', or unset data.bpe_vocab_size")
   require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be at least 300")
-  require(d.name in ("stdlib", "text", "tfds", "abc"), "data.name",
-          f"must be 'stdlib', 'text', 'tfds' or 'abc', got {d.name!r}")
+  require(d.name in ("stdlib", "text", "tfds", "abc", "chorales"), "data.name",
+          f"must be 'stdlib', 'text', 'tfds', 'abc' or 'chorales', got {d.name!r}")
   require(d.name != "text" or bool(d.path), "data.path",
           "is required with data.name='text': a text file or a folder of text files")
   for field in ("path", "val_path", "abc_path"):
@@ -168,18 +172,20 @@ def validate(c) -> None:
           "data.val_path), or unset data.encoding")
   require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
           f"must divide train.batch_size={t.batch_size}")
-  _validate_music(c)
+  validate_music(c, d.tokenizer == "abc", f"data.tokenizer is {d.tokenizer!r}: music "
+                 "figures need an ABC music run (data.tokenizer='abc')")
 
 
-def _validate_music(c) -> None:
+def validate_music(c, music_data: bool, why_not: str) -> None:
+  """The `music` section: sampled-tune figures need a music run (`music_data`; else
+  `why_not` says what the run is)."""
   if "music" not in c:  # a config built by hand may lack the section
     return
   samples, max_new = c.music.eval_samples, c.music.eval_max_new_tokens
   require_finite_range(c, "music.eval_samples", 0, integer=True)
   require_finite_range(c, "music.eval_max_new_tokens", 0, integer=True)
-  require(samples == 0 or c.data.tokenizer == "abc", "music.eval_samples",
-          f"is {samples}, but data.tokenizer is {c.data.tokenizer!r}: music figures need an "
-          "ABC music run (data.tokenizer='abc'); set music.eval_samples=0")
+  require(samples == 0 or music_data, "music.eval_samples",
+          f"is {samples}, but {why_not}; set music.eval_samples=0")
   require(max_new == 0 or samples > 0, "music.eval_max_new_tokens",
           f"is {max_new}, but music.eval_samples is 0, so no tune is sampled: set "
           "music.eval_samples, or unset music.eval_max_new_tokens")
@@ -196,7 +202,8 @@ def _unread_data_settings(d) -> dict[str, tuple]:
   for field, source in (("path", "text"), ("limit_files", "stdlib"), ("tfds_name", "tfds"),
                         ("tfds_split", "tfds"), ("tfds_text_key", "tfds"),
                         ("tfds_data_dir", "tfds"), ("abc_path", "abc"),
-                        ("abc_collections", "abc"), ("abc_strict", "abc")):
+                        ("abc_collections", "abc"), ("abc_strict", "abc"),
+                        ("abc_fields", "abc")):
     default = defaults[field]
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # JSON holds lists
     if d.get("name") != source and as_list(d.get(field, default)) != as_list(default):
@@ -221,9 +228,9 @@ def clear_unread_settings(saved: dict) -> dict:
   return {**saved, "data": data} if "data" in saved else saved
 
 
-class Family:
-  """The LM on the shared loop. Data is read lazily, so sampling from a trained run
-  needs only its tokenizer and checkpoint."""
+class Family(TextLm):
+  """The LM on the shared loop (data, evaluation and samples: `lm_text.TextLm`). Data is
+  read lazily, so sampling from a trained run needs only its tokenizer and checkpoint."""
 
   name = "lm"
   plot_keys = ("loss", "bits_per_byte")
@@ -247,7 +254,6 @@ class Family:
     self.train_step = make_supervised_step(self.graphdef, self._loss, self.tx, self.schedule,
                                            config.train.grad_accum_steps)
     self.items_per_step = {"tokens": config.train.batch_size * config.data.seq_len}
-    self._byte_lengths = jnp.asarray(self.tokenizer.token_byte_lengths())
 
   # --- data -------------------------------------------------------------------------
   @functools.cached_property
@@ -261,30 +267,14 @@ class Family:
       tok = ByteTokenizer()
     elif self.config.data.tokenizer == "abc":
       tok = AbcTokenizer.train(t for _, t in self._documents[0])
+    elif self.config.data.tokenizer == "chorale":  # a closed word set: nothing to train
+      tok = ChoraleTokenizer()
     else:
       tok = BpeTokenizer.train((t for _, t in self._documents[0]),
                                self.config.data.bpe_vocab_size)
     if self.workdir and jax.process_index() == 0:  # every process trains the same one
       tok.save(self.workdir)
     return tok
-
-  @functools.cached_property
-  def _token_streams(self) -> tuple[np.ndarray, np.ndarray]:
-    train_docs, val_docs = self._documents
-    return (text_data.tokenize_documents(self.tokenizer, train_docs),
-            text_data.tokenize_documents(self.tokenizer, val_docs))
-
-  @functools.cached_property
-  def train_data(self) -> TokenWindows:
-    c = self.config
-    return TokenWindows(self._token_streams[0], c.train.batch_size, c.data.seq_len, c.seed)
-
-  def eval_batches(self):
-    c = self.config
-    if not hasattr(self, "_eval_batches"):
-      self._eval_batches = eval_windows(self._token_streams[1], c.train.batch_size,
-                                        c.data.seq_len, c.train.eval_batches)
-    return self._eval_batches
 
   # --- model ------------------------------------------------------------------------
   def param_names(self) -> dict:
@@ -300,6 +290,10 @@ class Family:
     model = Transformer(self.model_cfg, rngs=nnx.Rngs(params=k_params, dropout=0))
     return TrainState.create(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.tx, k_train)
 
+  def weights(self, state: TrainState) -> dict:
+    """What `model` takes: the parameters."""
+    return state.params
+
   def model(self, params) -> Transformer:
     """The model in evaluation mode, its dropout layers without keys (`train_with_key`)."""
     return nnx.merge(self.graphdef, params)
@@ -311,82 +305,3 @@ class Family:
     loss = model.nll_sum(batch["inputs"], targets_BT,
                          jnp.ones(targets_BT.shape)) / targets_BT.size
     return loss, {"perplexity": jnp.exp(loss)}
-
-  def eval_step(self, state: TrainState, batch) -> dict:
-    targets_BT = batch["targets"]
-    nll_sum = self.model(state.params).nll_sum(batch["inputs"], targets_BT,
-                                               jnp.ones(targets_BT.shape))
-    return {"nll_sum": nll_sum, "tokens": jnp.float32(targets_BT.size),
-            "bytes": self._byte_lengths[batch["targets"]].sum().astype(jnp.float32)}
-
-  def summarize_eval(self, sums: dict) -> dict:
-    loss = sums["nll_sum"] / sums["tokens"]
-    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0)),
-            "val_bits_per_token": loss / math.log(2),
-            "val_bits_per_byte": sums["nll_sum"] / (math.log(2) * sums["bytes"])}
-
-  @functools.cached_property
-  def _held_out_tunes(self) -> tuple[list, list[str]]:
-    """(the validation tunes parsed, their headers): the music figures' reference."""
-    from aigc_jax.evaluation import abc_music, music_eval
-    texts = [text for _, text in self._documents[1]]
-    return abc_music.parse_all(texts), [music_eval.tune_header(t) for t in texts]
-
-  def sample_metrics(self, state: TrainState) -> dict:
-    """A text LM is measured by its held-out likelihood alone; a music run with
-    music.eval_samples also by tunes it samples (`music_eval.sample_metrics`)."""
-    music = self.config.get("music") or {}
-    if not music.get("eval_samples"):
-      return {}
-    from aigc_jax.evaluation import music_eval
-    reference, headers = self._held_out_tunes
-    return music_eval.sample_metrics(
-        self, state.params, reference, headers, music.eval_samples,
-        music.eval_max_new_tokens or self.model_cfg.max_seq_len, seed=self.config.seed + 7)
-
-  # --- samples ----------------------------------------------------------------------
-  def generate_text(self, params, prompts: list[str], *, max_new_tokens: int, seed: int = 0,
-                    **sampling) -> list[str]:
-    """Continuations of each prompt (an empty prompt starts a new document); `sampling`:
-    temperature, top_k, top_p, repetition_penalty (see `models.sampling.generate`)."""
-    eos = self.tokenizer.eos_id
-    ids = [self.tokenizer.encode(p) if p else np.asarray([eos]) for p in prompts]
-    out = generate(self.model(params), ids, max_new_tokens=max_new_tokens,
-                   key=jax.random.PRNGKey(seed), eos_id=eos,
-                   **{"temperature": 0.8, **sampling})
-    return [self.tokenizer.decode(o) for o in out]
-
-  def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
-    """`aigc-jax sample`: continuations of each prompt, as text."""
-    s = self.config.sample
-    pick = lambda key: s[key] if options.get(key) is None else options[key]
-    prompts = options.get("prompt") or [s.prompt]
-    num = pick("num")
-    texts = self.generate_text(
-        state.params, [p for p in prompts for _ in range(num)],
-        max_new_tokens=pick("max_new_tokens"), seed=options.get("seed") or 0,
-        **{key: pick(key) for key in SAMPLING_KEYS})
-    if self.tokenizer.kind == "abc":  # music: also .abc, .mid, .wav and a piano roll each
-      from aigc_jax.music.render import write_samples
-      tunes = [prompts[i // num] + text for i, text in enumerate(texts)]
-      _, summary = write_samples(tunes, os.path.join(workdir, "samples", "music"),
-                                 f"sample_seed{options.get('seed') or 0}")
-      print(summary, file=sys.stderr)
-    return "\n".join(f"=== sample {i} ===\n{prompts[i // num]}{text}\n"
-                     for i, text in enumerate(texts))
-
-  def write_samples(self, state: TrainState, step: int, workdir: str) -> list[str]:
-    s = self.config.sample
-    prompt_len = len(self.tokenizer.encode(s.prompt)) or 1
-    budget = min(s.max_new_tokens, self.model_cfg.max_seq_len - prompt_len)
-    if budget < 1 or s.num < 1:
-      return []
-    texts = self.generate_text(state.params, [s.prompt] * s.num, max_new_tokens=budget,
-                               seed=step, **{key: s[key] for key in SAMPLING_KEYS})
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"step_{step:07d}.txt")
-    with open(path, "w") as f:
-      for i, text in enumerate(texts):
-        f.write(f"=== sample {i} (step {step}) ===\n{s.prompt}{text}\n\n")
-    return [path]

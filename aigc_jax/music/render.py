@@ -1,5 +1,6 @@
-"""ABC tunes as files a person can use: the `.abc` text, a `.mid` file (music21), a `.wav`
-rendered by FluidSynth with a General MIDI SoundFont, and a piano-roll PNG.
+"""Music as files a person can use: the text (`.abc`, or a chorale's event words in `.txt`),
+a `.mid` file, a `.wav` rendered by FluidSynth with a General MIDI SoundFont, and a
+piano-roll PNG.
 
 FluidSynth and the SoundFont are Debian packages (`fluidsynth`, `fluid-soundfont-gm`)
 that `make data` installs; $AIGC_JAX_FLUIDSYNTH and $AIGC_JAX_SOUNDFONT point elsewhere.
@@ -93,9 +94,9 @@ def tempo_bpm(score, default: float = 120.0) -> float:
   return float(marks[0].getQuarterBPM()) if marks else default
 
 
-def write_midi(events: np.ndarray, path: str, bpm: float = 120.0) -> str:
+def write_midi(events: np.ndarray, path: str, bpm: float = 120.0, program: int = 0) -> str:
   with replaced_atomically(path, suffix=".mid") as tmp, open(tmp, "wb") as f:
-    f.write(midi_bytes(events, bpm))
+    f.write(midi_bytes(events, bpm, program))
   return path
 
 
@@ -186,19 +187,43 @@ def write_tune(text: str, stem: str, audio: bool = True) -> dict:
   return paths
 
 
-def write_samples(tunes: list[str], out_dir: str, tag: str) -> tuple[list[dict], str]:
-  """Each tune as `out_dir`/`tag`_i.{abc,mid,png,wav} (`write_tune`); returns the paths
-  and a one-line summary. The .abc, .mid and .png of every tune are written before any
-  audio, so a missing FluidSynth (its UserError, raised last) loses none of them."""
+CHORALE_BPM, CHURCH_ORGAN = 80.0, 19  # General MIDI program 20, counted from 0
+
+
+def write_chorale(text: str, stem: str, audio: bool = True) -> dict:
+  """A chorale's event text as `stem`.txt always; `stem`.mid (an organ, 80 quarter notes
+  a minute) and `stem`.png when it holds a note (malformed words skipped, counted in
+  "skipped"); `stem`.wav too when `audio`. Returns the paths as `write_tune` does."""
+  from aigc_jax.data.chorales import chorale_events, read_events
+  paths = {"txt": write_text(stem + ".txt", text if text.endswith("\n") else text + "\n")}
+  chorale, report = read_events(text)
+  events = chorale_events(chorale)[:, :3]  # (onset, duration, pitch); all voices alike
+  paths.update(valid=len(events) > 0, skipped=report["skipped"])
+  if len(events):
+    paths["mid"] = write_midi(events, stem + ".mid", CHORALE_BPM, CHURCH_ORGAN)
+    paths["png"] = write_piano_roll(events, stem + ".png", os.path.basename(stem))
+    if audio:
+      paths["wav"] = render_wav(paths["mid"], stem + ".wav")
+  return paths
+
+
+def write_samples(tunes: list[str], out_dir: str, tag: str, kind: str = "abc",
+                  audio: bool = True) -> tuple[list[dict], str]:
+  """Each tune (ABC text; kind 'chorale': event text) as `out_dir`/`tag`_i.{abc or txt,
+  mid,png,wav} (`write_tune`, `write_chorale`); returns the paths and a one-line summary.
+  The text, .mid and .png of every tune are written before any audio, so a missing
+  FluidSynth (its UserError, raised last) loses none of them; `audio=False`: no .wav."""
   os.makedirs(out_dir, exist_ok=True)
   stems = [os.path.join(out_dir, f"{tag}_{i}") for i in range(len(tunes))]
-  written = [write_tune(t, stem, audio=False) for t, stem in zip(tunes, stems, strict=True)]
+  write = write_chorale if kind == "chorale" else write_tune
+  written = [write(t, stem, audio=False) for t, stem in zip(tunes, stems, strict=True)]
   valid = [w for w in written if w["valid"]]
-  summary = (f"wrote {len(tunes)} tunes to {out_dir} ({tag}_*.abc; {len(valid)} read as "
-             "music: .mid, .png")
-  for w in valid:
+  suffix = "txt" if kind == "chorale" else "abc"
+  summary = (f"wrote {len(tunes)} tunes to {out_dir} ({tag}_*.{suffix}; {len(valid)} read "
+             "as music: .mid, .png")
+  for w in valid if audio else ():
     try:
       w["wav"] = render_wav(w["mid"], w["mid"][:-len(".mid")] + ".wav")
     except UserError as e:
       raise UserError(f"{summary}; no .wav: {e}") from e
-  return written, summary + ", .wav)"
+  return written, summary + (", .wav)" if audio else ")")

@@ -19,6 +19,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(ROOT / "configs" / "lm_tiny.py")
+MUSIC_CONFIG = str(ROOT / "configs" / "music_tiny.py")
 GAN_CONFIG = str(ROOT / "configs" / "gan_tiny.py")
 VAE_CONFIG = str(ROOT / "configs" / "vae_tiny.py")
 DIFFUSION_CONFIG = str(ROOT / "configs" / "diffusion_tiny.py")

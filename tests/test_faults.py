@@ -20,7 +20,14 @@ import pytest
 
 from aigc_jax.config import config_from_file
 from aigc_jax.train import Checkpointer
-from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
+from tests.conftest import (
+    DIFFUSION_CONFIG,
+    GAN_CONFIG,
+    MUSIC_CONFIG,
+    ROOT,
+    TINY_CONFIG,
+    VAE_CONFIG,
+)
 from tests.test_train import _final_params
 
 STEPS, EVERY = 40, 2
@@ -36,7 +43,9 @@ CASES = [pytest.param(TINY_CONFIG, {"model.dropout": 0.1, "sample.num": 0}, id="
          pytest.param(VAE_CONFIG, {"iwae.k": 0, "iwae.final_k": 0}, id="vae",
                       marks=pytest.mark.slow),
          pytest.param(DIFFUSION_CONFIG, {"fid.samples": 0}, id="diffusion",
-                      marks=pytest.mark.slow)]
+                      marks=pytest.mark.slow),
+         pytest.param(MUSIC_CONFIG, {"music.eval_samples": 0, "music.eval_max_new_tokens": 0,
+                                     "sample.num": 0}, id="music", marks=pytest.mark.slow)]
 
 
 def _start(workdir: str, config: str, overrides: dict) -> subprocess.Popen:

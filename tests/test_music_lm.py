@@ -174,3 +174,29 @@ def test_pretrain_then_fine_tune_on_one_meter(tmp_path):
   bad.pretrained.path = str(tmp_path / "nowhere")
   with pytest.raises(UserError, match="is not a folder"):
     finetune.Family(bad, str(tmp_path / "ft2"))
+
+
+@pytest.mark.sharded
+@pytest.mark.skipif(jax.device_count() < 8,
+                    reason="needs 8 devices: `make test-8dev` runs it on 8 fake CPUs")
+def test_a_music_run_on_8_devices_equals_one_device_and_resumes_on_either(tmp_path):
+  """The ABC LM under fsdp4 x tensor2 trains as on one device (same losses and weights);
+  its evaluation (likelihood and sampled-tune figures) is the same after resuming the
+  sharded run on one device."""
+  from tests.conftest import MUSIC_CONFIG
+  from tests.test_sharding import ONE_DEVICE, _assert_same_training, _train
+  mesh = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "optim.eps": 1e-6}
+  one = _train(MUSIC_CONFIG, {**ONE_DEVICE, "optim.eps": 1e-6}, tmp_path / "one")
+  sharded = _train(MUSIC_CONFIG, mesh, tmp_path / "mesh")
+  _assert_same_training(one, sharded)
+
+  cfg = config_from_file(MUSIC_CONFIG, {**mesh, "train.steps": 4, "train.eval_every": 4,
+                                        "train.checkpoint_every": 4})
+  summary = train_and_evaluate(cfg, str(tmp_path / "run"), progress=False)
+  assert summary["music_n"] == 4 and (tmp_path / "run" / "tokenizer.json").exists()
+  resumed = train_and_evaluate(config_from_file(MUSIC_CONFIG, {**ONE_DEVICE,
+                                                               "train.steps": 4}),
+                               str(tmp_path / "run"), progress=False)
+  assert resumed["start_step"] == 4
+  for key in ("val_loss", "music_parse_rate", "music_bar_accuracy", "music_pitch_class_kl"):
+    assert resumed[key] == pytest.approx(summary[key], abs=1e-5), key

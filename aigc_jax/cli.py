@@ -77,7 +77,9 @@ def _define_flags(command: str) -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed (0 <= S < 2**32).")
     flags.DEFINE_string("out", None, "GAN, diffusion: the PNG to write (VAE: PATH's stem + "
                         "_samples.png, _reconstructions.png, _interpolation.png; default: "
-                        "WORKDIR/samples/); LM: a text file for the samples instead of stdout.")
+                        "WORKDIR/samples/); LM: a text file for the samples instead of stdout "
+                        "(a music run writes each tune beside it, as PATH's stem + _I.abc, "
+                        ".mid, .png, .wav; default: WORKDIR/samples/music/).")
     flags.DEFINE_integer("steps", None, "Diffusion: sampling steps (default: the config's "
                          "sample.steps).")
     flags.DEFINE_float("guidance", None, "Diffusion: classifier-free guidance scale (1: the "
@@ -271,6 +273,7 @@ def _run(command: str) -> None:
   out = options["out"] if text else None
   if out is not None:  # a text family: its samples go to --out instead of stdout
     del options["out"]
+    options["music_stem"] = os.path.splitext(os.path.abspath(os.path.expanduser(out)))[0]
     text = run.family.cli_sample(run.state, run.workdir, options)
     print(f"wrote samples to {_write_text(out, text)}")
     return

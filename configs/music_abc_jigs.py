@@ -18,7 +18,7 @@ def get_config():
   c.data.update(name="abc", abc_fields=("M:6/8",), seq_len=256, max_eval_examples=256)
   c.model.update(logits_chunk=0)
   c.lora.update(rank=0, dropout=0.0)  # full fine-tuning of the 1.85M parameters
-  c.train.update(steps=600, batch_size=16, log_every=50, eval_every=200, checkpoint_every=200)
+  c.train.update(steps=300, batch_size=16, log_every=50, eval_every=100, checkpoint_every=100)
   c.optim.update(lr=1e-3, warmup_steps=50, weight_decay=0.1, b2=0.95)
   c.music.update(eval_samples=100)
   c.sample.update(prompt="X:1\nM:6/8\nL:1/8\nK:D\n", num=2, max_new_tokens=240,

@@ -71,6 +71,19 @@ def test_the_abc_source_splits_by_tune_and_the_lm_trains_on_abc_tokens(tmp_path)
   else:
     assert proc.returncode == 2 and "make data" in proc.stderr, proc.stderr[-2000:]
 
+  # With --out, the tunes go beside that file (a read-only run folder stays untouched).
+  out = tmp_path / "elsewhere" / "tunes.txt"
+  out.parent.mkdir()
+  proc = run_cli("sample", "--workdir", str(tmp_path), "--num", "1", "--max-new-tokens",
+                 "30", "--out", str(out), env_extra={"AIGC_JAX_FLUIDSYNTH": str(tmp_path / "x")})
+  assert (out.parent / "tunes_0.abc").read_text().startswith(c.sample.prompt)
+  if proc.returncode == 0:  # no tune read as music, so none to render: the text is out
+    assert (out.parent / "tunes_0.abc").read_text().strip() in out.read_text()
+  else:
+    assert proc.returncode == 2 and "make data" in proc.stderr, proc.stderr[-2000:]
+  assert sorted(p.name for p in music.glob("*.abc")) == ["sample_seed0_0.abc",
+                                                         "sample_seed0_1.abc"]
+
   # The quality table: the LM beside the n-gram baseline and the held-out tunes.
   from benchmarks import music_quality
   r = music_quality.main(["--ours", str(tmp_path), "--samples", "3",

@@ -112,7 +112,8 @@ class TextLm:
 
   def cli_sample(self, state: TrainState, workdir: str, options: dict) -> str:
     """`aigc-jax sample`: continuations of each prompt, as text (and for music, each tune
-    as .abc, .mid, .wav and a piano roll under WORKDIR/samples/music)."""
+    as .abc, .mid, .wav and a piano roll under WORKDIR/samples/music, or beside the
+    `sample --out` file: options['music_stem'])."""
     s = self.config.sample
     pick = lambda key: s[key] if options.get(key) is None else options[key]
     prompts = options.get("prompt") or [s.prompt]
@@ -125,8 +126,11 @@ class TextLm:
     full = [self.joined(prompts[i // num], text) for i, text in enumerate(texts)]
     if kind in ("abc", "chorale"):  # music: also .mid, .wav and a piano roll each
       from aigc_jax.music.render import write_samples
-      _, summary = write_samples(full, os.path.join(workdir, "samples", "music"),
-                                 f"sample_seed{options.get('seed') or 0}", kind)
+      stem = options.get("music_stem")  # `sample --out PATH`: beside PATH, not in the run
+      out_dir, tag = ((os.path.dirname(stem), os.path.basename(stem)) if stem else
+                      (os.path.join(workdir, "samples", "music"),
+                       f"sample_seed{options.get('seed') or 0}"))
+      _, summary = write_samples(full, out_dir, tag, kind)
       print(summary, file=sys.stderr)
     return "\n".join(f"=== sample {i} ===\n{text}\n" for i, text in enumerate(full))
 

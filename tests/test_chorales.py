@@ -335,6 +335,14 @@ def test_an_lm_trains_on_the_chorales_and_samples_them_as_music(tmp_path):
     assert (music / "sample_seed0_0.png").stat().st_size > 1000
     assert proc.returncode == 2 and "make data" in proc.stderr, proc.stderr[-2000:]
 
+  # The quality table: the LM beside an n-gram over the same words, and real chorales.
+  from benchmarks import chorale_quality
+  r = chorale_quality.main(["--ours", str(tmp_path), "--samples", "2",
+                            "--out", str(tmp_path / "quality.json")])
+  assert r["transformer"]["n"] == r["ngram"]["n"] == 2 and r["held_out"]["n"] == len(val)
+  assert r["held_out"]["word_validity"] == 1.0 and r["held_out"]["voice_order"] > 0.95
+  assert "| transformer |" in (tmp_path / "quality.md").read_text()
+
   bad = config_from_file(str(ROOT / "configs" / "music_chorales.py"))
   bad.data.tokenizer = "byte"
   with pytest.raises(UserError, match="data.tokenizer.*'chorale'"):
@@ -359,3 +367,29 @@ def test_a_real_chorale_becomes_midi_with_every_note_and_a_piano_roll(tmp_path):
                    if e.type == music21.midi.ChannelVoiceMessages.NOTE_ON and e.velocity > 0)
   assert pitches == sorted(n.pitch for voice in chorale.voices for n in voice)
   assert os.path.getsize(w["png"]) > 5000
+
+
+def test_chorale_figures_are_high_on_real_chorales_and_low_on_scrambled_ones():
+  """Real held-out chorales: every word valid, ~0.93 of notes in the key signature's
+  scale, four voices sounding and in order; the same chorales with random pitches lose
+  key and voice order but keep their rhythm (four voices sound)."""
+  import dataclasses
+
+  from aigc_jax.evaluation import chorale_eval
+  found, _ = chorales.load_chorales()
+  train, val = chorales.split_chorales(found, 0.1)
+  real = chorale_eval.compare([chorales.to_events(c) for c in val],
+                              [chorales.to_events(c) for c in train[:100]])
+  assert real["word_validity"] == 1.0 and real["key_consistency"] > 0.88
+  assert real["four_voices"] > 0.97 and real["voice_order"] > 0.95
+  assert real["pitch_class_overlap"] > 0.85
+  rng = np.random.default_rng(0)
+  scrambled = [dataclasses.replace(c, voices=tuple(
+      tuple(dataclasses.replace(n, pitch=int(rng.integers(40, 80))) for n in voice)
+      for voice in c.voices)) for c in val]
+  noise = chorale_eval.compare([chorales.to_events(c) for c in scrambled],
+                               [chorales.to_events(c) for c in train[:100]])
+  assert noise["key_consistency"] < 0.7 and noise["voice_order"] < 0.2
+  assert noise["four_voices"] == pytest.approx(real["four_voices"])
+  assert chorale_eval.key_scale(1) == {7, 9, 11, 0, 2, 4, 6}  # G major
+  assert chorale_eval.key_scale(-3) == {3, 5, 7, 8, 10, 0, 2}  # E-flat major

@@ -48,7 +48,7 @@ def sample_tunes(family, params, prompts: Sequence[str], max_new_tokens: int, se
     new = min(room(family, p, max_new_tokens) for p in part)
     texts = family.generate_text(params, part, max_new_tokens=max(new, 1), seed=seed + start,
                                  temperature=1.0)
-    out += [p + t for p, t in zip(part, texts, strict=True)]
+    out += [family.joined(p, t) for p, t in zip(part, texts, strict=True)]
   return out
 
 

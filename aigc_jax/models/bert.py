@@ -75,6 +75,25 @@ class BertConfig:
     """H = D // N."""
     return self.hidden // self.num_heads
 
+  @property
+  def max_seq_len(self) -> int:
+    """The longest input: the position table's rows (the name the transformer uses)."""
+    return self.max_positions
+
+  def check_sharding(self, shards) -> None:
+    """UserError unless each logical axis splits whole: `shards(name)` is the number of
+    pieces the mesh rules cut a dimension named `name` into (heads must split whole)."""
+    sizes = {"heads": ("num_heads", self.num_heads, "attn.query / key / value / out"),
+             "mlp": ("mlp_dim", self.mlp_dim, "mlp.up / down"),
+             "vocab": ("vocab_size", self.vocab_size, "word_embed"),
+             "embed": ("hidden", self.hidden, "every kernel's embed axis")}
+    for name, (field, size, params) in sizes.items():
+      n = shards(name)
+      if size % n:
+        raise UserError(f"the encoder's {field}={size} does not split over the {n} devices "
+                        f"its rule gives (mesh.rules.{name}; parameters layers.*.{params}): "
+                        f"set mesh.rules.{name}='' or use a mesh of a divisor of {size}")
+
   def num_params(self) -> int:
     """The parameter count (embeddings included; no pooler)."""
     D, F = self.hidden, self.mlp_dim

@@ -1,0 +1,1 @@
+"""Applications built on trained runs: batch classification and opinion monitoring."""

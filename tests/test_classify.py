@@ -119,3 +119,43 @@ def test_bad_inputs_are_one_clear_error_each(trained, tmp_path):
                    str(tmp_path / "x.jsonl"))
     assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-1500:])
     assert "Traceback" not in proc.stderr
+
+
+def test_contrastive_fine_tuning_trains_and_reports_retrieval(tmp_path):
+  """InfoNCE on (summary -> passage) pairs: the step's loss is the cross-entropy of each
+  query's cosine similarities (over the temperature) with its own passage as the label;
+  evaluation reports recall@k and MRR on held-out pairs; settings that do not go together
+  are refused."""
+  import jax
+  import optax
+
+  from aigc_jax.train import train_and_evaluate
+  c = config_from_file(str(ROOT / "configs" / "ft_retrieval_minilm.py"),
+                       {"train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
+                        "train.batch_size": 8, "data.seq_len": 64,
+                        "data.max_eval_examples": 24, "data.limit_files": 1500})
+  finetune.validate(c)
+  summary = train_and_evaluate(c, str(tmp_path), progress=False)
+  assert 0 < summary["recall_at_1"] <= summary["recall_at_5"] <= summary["recall_at_10"] <= 1
+  assert summary["retrieval_pairs"] == 24 and np.isfinite(summary["val_loss"])
+
+  family = finetune.Family(c, str(tmp_path / "again"))
+  batch = {k: v[:4] for k, v in family.load_examples()[1].items()}
+  encoder = family.model(family.load_weights(family.init_state(jax.random.PRNGKey(0))))
+  embed = lambda t, n: encoder.sentence_embedding(
+      t, (np.arange(t.shape[1])[None] < n[:, None]).astype(np.int32))
+  logits = embed(batch["q_tokens"], batch["q_lengths"]) @ embed(
+      batch["p_tokens"], batch["p_lengths"]).T / 0.05
+  expected = optax.softmax_cross_entropy_with_integer_labels(logits, np.arange(4)).mean()
+  loss, aux = family.task_loss(encoder, batch)
+  assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+  assert float(aux["accuracy"]) == float((logits.argmax(1) == np.arange(4)).mean())
+
+  bad = config_from_file(str(ROOT / "configs" / "ft_retrieval_minilm.py"))
+  bad.pretrained.format = "gguf"
+  with pytest.raises(UserError, match="pretrained.format='bert'"):
+    finetune.validate(bad)
+  bad = config_from_file(CONFIG)
+  bad.task.temperature = 0.1
+  with pytest.raises(UserError, match="task.temperature.*does not read it"):
+    finetune.validate(bad)

@@ -18,6 +18,9 @@ Tasks (`task.name`):
             evaluation reports accuracy and macro-F1 beside a TF-IDF + logistic-regression
             baseline on the same split
   lm        more language modelling from one of our own LM runs (ABC tunes or text)
+  contrastive  an encoder's sentence embeddings, InfoNCE with in-batch negatives (the
+            data: stdlib docstring summaries -> their passages); evaluation reports
+            retrieval recall@k and MRR on held-out packages
 
 This module holds the config schema and dispatches on `task.name`: `Family(config,
 workdir)` is the task's family object (`finetune_sft.SftFamily`,
@@ -38,6 +41,7 @@ from aigc_jax.families.finetune_base import (
   pad_rows,
 )
 from aigc_jax.families.finetune_classify import ClassifyFamily
+from aigc_jax.families.finetune_contrastive import ContrastiveFamily
 from aigc_jax.families.finetune_lm import LmTaskFamily
 from aigc_jax.families.finetune_sft import SftFamily
 from aigc_jax.families.lm import validate_music
@@ -50,7 +54,7 @@ from aigc_jax.train.optim import validate_optim
 
 # task.name -> its family class
 TASKS: dict[str, type[FinetuneFamily]] = {"sft": SftFamily, "classify": ClassifyFamily,
-                                          "lm": LmTaskFamily}
+                                          "lm": LmTaskFamily, "contrastive": ContrastiveFamily}
 DATASETS = {name: cls.datasets for name, cls in TASKS.items()}
 
 __all__ = ["DATASETS", "FORMATS", "LORA_ALL_LINEAR", "TASKS", "Family", "FinetuneFamily",
@@ -76,10 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
                  logits_chunk=64)
   # rank 0: no adapters (full or pattern-frozen fine-tuning).
   c.lora = dict(rank=8, alpha=16.0, dropout=0.05, targets=LORA_ALL_LINEAR)
-  c.task = dict(name="sft", num_classes=2)
+  # temperature: contrastive only (cosine similarities over it are InfoNCE's logits)
+  c.task = dict(name="sft", num_classes=2, temperature=0.05)
   c.data = dict(
       # sft: stdlib_functions; classify: vader (2 classes) | opinion (3: NYT + tweets);
-      # lm: abc | text
+      # lm: abc | text; contrastive: stdlib_docs (docstring summary -> its passage)
       name="stdlib_functions",
       # vader: the vaderSentiment-3.3.2.tar.gz (or its folder; see data.sentiment); text:
       # a text file or folder; abc: a folder of .abc files ("": music21's corpus)
@@ -142,9 +147,9 @@ def validate(c) -> None:
           "and data.test_fraction must be in (0, 1)")
   require(d.max_eval_examples >= 0, "data.max_eval_examples", "must be >= 0 (0: all)")
   if c.pretrained.format == "bert":
-    require(task.name == "classify", "task.name",
+    require(task.name in ("classify", "contrastive"), "task.name",
             f"is {task.name!r}, but an encoder (pretrained.format='bert') has no text to "
-            "generate: use task.name='classify'")
+            "generate: use task.name='classify' or 'contrastive'")
     defaults = default_config().model
     for key in ("remat", "remat_policy", "logits_chunk", "max_seq_len"):
       require(m[key] == defaults[key], f"model.{key}",
@@ -154,6 +159,11 @@ def validate(c) -> None:
   require(task.name != "classify" or classes is None or task.num_classes == classes,
           "task.num_classes", f"is {task.num_classes}, but data.name={d.name!r} has "
           f"{classes} classes: set task.num_classes={classes}")
+  require(task.name != "contrastive" or c.pretrained.format == "bert", "task.name",
+          "'contrastive' trains an encoder's embeddings: set pretrained.format='bert'")
+  require(task.temperature > 0, "task.temperature", f"must be > 0, got {task.temperature}")
+  require(task.name == "contrastive" or task.temperature == default_config().task.temperature,
+          "task.temperature", f"is set, but task.name={task.name!r} does not read it: unset it")
   own_run = c.pretrained.format == "run"
   require(own_run == (task.name == "lm"), "pretrained.format",
           f"is {c.pretrained.format!r} with task.name={task.name!r}: task 'lm' continues a "

@@ -21,6 +21,9 @@ except UserError as e:  # pragma: no cover - make setup installs the wheel
   pytest.skip(f"all-MiniLM-L6-v2 is not installed ({e})", allow_module_level=True)
 
 CONFIG = str(ROOT / "configs" / "ft_opinion_minilm.py")
+# Fine-tuning MiniLM on CPU takes minutes: `pytest -m slow` runs the tests that need a
+# trained head (the monitor's alerting rule is tested fast in test_opinion.py).
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,7 @@ def trained(tmp_path_factory):
   return workdir, summary
 
 
+@slow
 def test_the_encoder_head_learns_the_three_classes(trained):
   _, summary = trained
   # The head alone, 80 steps: above the majority class (0.36), with every class found.
@@ -51,6 +55,7 @@ def _held_out():
   return list(test["texts"]), np.asarray(test["labels"])
 
 
+@slow
 def test_classify_writes_a_label_for_every_text_and_reports_throughput(trained, tmp_path):
   workdir, _ = trained
   texts, labels = _held_out()
@@ -84,6 +89,7 @@ def _stream(path, texts, labels, burst_windows, per_window=50, windows=30, seed=
   path.write_text("\n".join(lines) + "\n")
 
 
+@slow
 def test_monitor_flags_the_burst_of_negatives_and_nothing_else(trained, tmp_path):
   workdir, _ = trained
   texts, labels = _held_out()
@@ -105,8 +111,20 @@ def test_monitor_flags_the_burst_of_negatives_and_nothing_else(trained, tmp_path
         "negative", "neutral", "positive")
 
 
-def test_bad_inputs_are_one_clear_error_each(trained, tmp_path):
-  workdir, _ = trained
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+  """A classification run of one step: enough for classify's input checks."""
+  workdir = tmp_path_factory.mktemp("one_step")
+  c = config_from_file(CONFIG, {"train.steps": 1, "train.eval_every": 1,
+                                "train.checkpoint_every": 1, "data.max_eval_examples": 32})
+  c.train.frozen = (r"^lm\.",)
+  from aigc_jax.train import train_and_evaluate
+  train_and_evaluate(c, str(workdir), progress=False)
+  return workdir
+
+
+def test_bad_inputs_are_one_clear_error_each(one_step, tmp_path):
+  workdir = one_step
   (tmp_path / "empty.txt").write_text("\n\n")
   (tmp_path / "no_time.jsonl").write_text('{"time": 0, "text": "fine"}\n{"text": "bad"}\n')
   cases = [
@@ -121,6 +139,7 @@ def test_bad_inputs_are_one_clear_error_each(trained, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@slow
 def test_contrastive_fine_tuning_trains_and_reports_retrieval(tmp_path):
   """InfoNCE on (summary -> passage) pairs: the step's loss is the cross-entropy of each
   query's cosine similarities (over the temperature) with its own passage as the label;

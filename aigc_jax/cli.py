@@ -217,59 +217,6 @@ def _join_cluster(FLAGS) -> None:
       threading.Event().wait()  # it is printing and exiting: let it finish
 
 
-def _retrieval(command: str, FLAGS, args: list[str]) -> None:
-  """`aigc-jax index --config FILE` and `aigc-jax ask --index DIR "question"`."""
-  from aigc_jax.apps import ask
-  if command == "index":
-    from aigc_jax.config import load_config_file
-    print(json.dumps(ask.build(load_config_file(FLAGS.config))))
-    return
-  if len(args) != 1:
-    raise UserError(f"ask takes one question (quote it), got {len(args)} arguments: "
-                    "aigc-jax ask --index DIR \"How do I ...?\"")
-  _check_utf8("the question", args)
-  result = ask.ask(ask.index_path_ok(FLAGS.index), args[0], FLAGS.k,
-                   FLAGS["max-new-tokens"].value, FLAGS.generator)
-  ask.print_answer(result)
-
-
-def _classify(run, FLAGS) -> None:
-  """`aigc-jax classify`: labels for every text of --input, and with --monitor the
-  windows, alerts and plot."""
-  from aigc_jax.apps import classify
-  from aigc_jax.evaluation import monitor as monitor_lib
-  text_field, time_field = FLAGS["text-field"].value, FLAGS["time-field"].value
-  records = None
-  if FLAGS.monitor:
-    if not FLAGS.input.endswith(".jsonl"):
-      raise UserError(f"--monitor needs a .jsonl --input with a {time_field!r} field "
-                      f"on every line, got {FLAGS.input}")
-    records = monitor_lib.read_records(FLAGS.input, text_field, time_field)
-    texts = [r["text"] for r in records]
-  else:
-    for name in ("window", "z", "warmup", "time-field"):
-      if not FLAGS[name].using_default_value:
-        raise UserError(f"--{name} is a --monitor setting: add --monitor, or drop it")
-    texts = monitor_lib.read_texts(FLAGS.input, text_field)
-  probs, stats = classify.classify_texts(run, texts, FLAGS["batch-size"].value)
-  names = classify.class_names(run.family)
-  extra = ([{"time": r["record"][time_field]} for r in records] if records else None)
-  path = classify.write_predictions(FLAGS.out, texts, probs, names, extra)
-  if stats["truncated"]:
-    print(f"warning: {stats['truncated']} texts were longer than the run's data.seq_len and "
-          "were cut to it", file=sys.stderr)
-  counts = [int((probs.argmax(1) == c).sum()) for c in range(len(names))]
-  summary = {"out": path, **{k: stats[k] for k in ("texts", "seconds", "texts_per_second",
-                                                   "shapes")},
-             "labels": {n: int(c) for n, c in zip(names, counts, strict=True)}}
-  if records is not None:
-    found = classify.monitor(run, records, probs, FLAGS.out, FLAGS.window, FLAGS.z,
-                             FLAGS.warmup)
-    summary.update(windows=found["windows"], alerts=len(found["alerts"]),
-                   alerts_path=found["alerts_path"], plot_path=found["plot_path"])
-  print(json.dumps(summary))
-
-
 def _check_utf8(flag: str, values) -> None:
   """Text from argv that is not UTF-8 arrives as surrogate escapes, which fail later (in
   the tokenizer, on printing): refuse it here, naming the first bad byte."""
@@ -298,7 +245,8 @@ def _run(command: str, args: list[str]) -> None:
     raise UserError(f"unexpected arguments {args}: {command} takes flags only (see aigc-jax "
                     "--help)")
   if command in ("index", "ask"):
-    _retrieval(command, FLAGS, args)
+    from aigc_jax.apps.commands import retrieval
+    retrieval(command, FLAGS, args)
     return
   cache = FLAGS.compilation_cache and _cache_dir(command, FLAGS.workdir)
   if cache:
@@ -343,7 +291,8 @@ def _run(command: str, args: list[str]) -> None:
     print(json.dumps({"step": int(run.state.step), **metrics}))
     return
   if command == "classify":
-    _classify(run, FLAGS)
+    from aigc_jax.apps.commands import classify
+    classify(run, FLAGS)
     return
   if command == "export":
     if not hasattr(run.family, "export"):

@@ -8,6 +8,15 @@ import contextlib
 import os
 
 
+def fsync_path(path: str) -> None:
+  """Flushes a file, or a folder's entries, to disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: str, suffix: str = ""):
   """Yields a temporary name beside `path` to write (ending in `suffix`, e.g. '.png' for
@@ -17,11 +26,7 @@ def replaced_atomically(path: str, suffix: str = ""):
   tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp{suffix}")
   try:
     yield tmp
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.metadata
-import json
 import os
 import shutil
 import time
@@ -29,17 +28,18 @@ from typing import NamedTuple
 import numpy as np
 
 from aigc_jax.errors import UserError, did_you_mean
+from aigc_jax.files import fsync_path
 from aigc_jax.models.bert import BertConfig, BertEncoder
 from aigc_jax.pretrained.hf import (
   EXPORT_MARKER,
   EXPORTER,
   _dump_json,
-  _fsync,
   _publish,
   _safetensors,
   _write_file,
   check_export_complete,
   check_export_target,
+  read_config_json,
 )
 from aigc_jax.pretrained.tokenizer import tokenizers_lib
 
@@ -128,14 +128,7 @@ def _expected_shapes(cfg: BertConfig) -> dict[tuple, tuple]:
 def read_bert_config(folder: str) -> BertConfig:
   """The BertConfig of a Hugging Face BERT folder's config.json (UserError when the folder
   or architecture does not fit)."""
-  path = os.path.join(folder, "config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"no config.json in {folder!r}: not a Hugging Face checkpoint folder")
-  try:
-    with open(path) as f:
-      c = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path} is not valid JSON ({e})") from e
+  c, path = read_config_json(folder)
   if c.get("model_type") not in SUPPORTED_MODEL_TYPES:
     raise UserError(f"model_type {c.get('model_type')!r} in {path} is not supported: only "
                     f"{SUPPORTED_MODEL_TYPES} (BERT encoders)")
@@ -376,7 +369,7 @@ def export_bert(directory: str, cfg: BertConfig, params: dict, tokenizer_folder:
               "files": sorted(os.listdir(tmp)), "source": None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_file(os.path.join(tmp, EXPORT_MARKER), lambda path: _dump_json(marker, path))
-    _fsync(tmp)
+    fsync_path(tmp)
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

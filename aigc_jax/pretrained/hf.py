@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from aigc_jax.errors import UserError
+from aigc_jax.files import fsync_path
 from aigc_jax.models.transformer import TransformerConfig
 from aigc_jax.pretrained import llama
 from aigc_jax.pretrained.tokenizer import PretrainedTokenizer
@@ -49,17 +50,23 @@ def _safetensors():
   return safe_open, st_numpy
 
 
-def read_hf_config(directory: str) -> TransformerConfig:
-  """The TransformerConfig of a Hugging Face Llama folder's config.json (UserError when
-  the folder or architecture does not fit)."""
+def read_config_json(directory: str) -> tuple[dict, str]:
+  """(the parsed config.json of a Hugging Face checkpoint folder, its path); UserError
+  when it is missing or not JSON."""
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise UserError(f"no config.json in {directory!r}: not a Hugging Face checkpoint folder")
   try:
     with open(path) as f:
-      c = json.load(f)
+      return json.load(f), path
   except json.JSONDecodeError as e:
     raise UserError(f"{path} is not valid JSON ({e})") from e
+
+
+def read_hf_config(directory: str) -> TransformerConfig:
+  """The TransformerConfig of a Hugging Face Llama folder's config.json (UserError when
+  the folder or architecture does not fit)."""
+  c, path = read_config_json(directory)
   if c.get("model_type") not in SUPPORTED_MODEL_TYPES:
     raise UserError(f"model_type {c.get('model_type')!r} in {path} is not supported: only "
                     f"{SUPPORTED_MODEL_TYPES} (Llama-family decoders)")
@@ -190,7 +197,7 @@ def export_hf(directory: str, cfg: TransformerConfig, params: dict,
               "files": sorted(os.listdir(tmp)), "source": source,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_file(os.path.join(tmp, EXPORT_MARKER), lambda path: _dump_json(marker, path))
-    _fsync(tmp)
+    fsync_path(tmp)
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -204,14 +211,6 @@ def _dump_json(value, path: str) -> None:
     json.dump(value, f, indent=2)
 
 
-def _fsync(path: str) -> None:
-  """Flushes a file, or a folder's entries, to disk."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
 
 def _write_file(path: str, write) -> None:
   """`write(path)`, then the file (or each file of the folder `path`) synced to disk."""
@@ -219,7 +218,7 @@ def _write_file(path: str, write) -> None:
   paths = ([os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path)
            else [path])
   for p in paths:
-    _fsync(p)
+    fsync_path(p)
 
 
 def _is_run(path: str) -> bool:
@@ -361,7 +360,7 @@ def _publish(tmp: str, out: str) -> None:
   if not os.path.lexists(out) or not os.listdir(out):
     try:
       os.replace(tmp, out)
-      _fsync(os.path.dirname(out))
+      fsync_path(os.path.dirname(out))
       return
     except OSError as e:  # another export got there first: replace it as below
       if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
@@ -373,9 +372,9 @@ def _publish(tmp: str, out: str) -> None:
     old = f"{out}.old-{os.getpid()}"
     os.rename(out, old)
     os.rename(tmp, out)
-    _fsync(os.path.dirname(out))
+    fsync_path(os.path.dirname(out))
     shutil.rmtree(old)
-  _fsync(os.path.dirname(out))
+  fsync_path(os.path.dirname(out))
 
 
 def check_export_complete(directory: str) -> None:

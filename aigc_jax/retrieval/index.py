@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from aigc_jax.errors import UserError
-from aigc_jax.files import replaced_atomically, write_text
+from aigc_jax.files import fsync_path, replaced_atomically, write_text
 
 FORMAT = "aigc_jax.retrieval.index"
 VERSION = 1
@@ -221,20 +221,13 @@ def build_index(encoder, tokenizer, passages: Sequence, directory: str, batch_si
     write_text(os.path.join(tmp, "passages.jsonl"),
                "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in fields))
     write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=2) + "\n")
-    _fsync(tmp)  # the files are synced as written; now the folder's entries
+    fsync_path(tmp)  # the files are synced as written; now the folder's entries
     _publish(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return Index(emb_ND, fields, meta, out)
 
-
-def _fsync(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
 
 
 def _is_index(path: str) -> bool:
@@ -272,9 +265,9 @@ def _publish(tmp: str, out: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
     os.rename(out, old)
     os.rename(tmp, out)
-    _fsync(parent)
+    fsync_path(parent)
     shutil.rmtree(old)
-  _fsync(parent)
+  fsync_path(parent)
 
 
 # --- loading and searching --------------------------------------------------------------

@@ -6,6 +6,9 @@ training time on this machine, its parameters and its network evaluations per sa
 
   python -m benchmarks.image_models --gan runs/gan --vae runs/vae --diffusion runs/diffusion
 
+`--diffusion` may be given once per run (e.g. one run per objective: DDPM, EDM, flow
+matching), each labelled by its `loss.name`.
+
 prints a Markdown table and writes it with the figures to --out (JSON, and .md beside
 it), the FID-vs-NFE curve and a sample grid of each model to --png.
 """
@@ -96,24 +99,40 @@ def table(results: dict) -> str:
   lines = ["| model | fid_classifier | fid_floor | class shares (min-max x data) | NFE | "
            "train s (this CPU, median rate) | samples/s | params (all trained) |",
            "|---|---:|---:|---|---:|---:|---:|---:|"]
-  for kind, r in results["models"].items():
+  for label, r in results["models"].items():
     seconds = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-    lines.append(f"| {kind} ({r['step']} steps) | {r['fid_classifier']:.2f} | "
+    lines.append(f"| {label} ({r['step']} steps) | {r['fid_classifier']:.2f} | "
                  f"{r['fid_floor']:.2f} | {r['class_share_min_ratio']:.2f}-"
                  f"{r['class_share_max_ratio']:.2f} | {r['nfe']} | {seconds} | "
                  f"{r['sample_images_per_sec']:.0f} | {r['params']:,} |")
-  sweep = results["models"].get("diffusion", {}).get("steps_sweep")
-  if sweep:
+  sweeps = [(label, s) for label, r in results["models"].items()
+            for s in sorted(r.get("steps_sweep", []), key=lambda s: s["nfe"])]
+  if sweeps:
     lines += ["", f"FID against sampling steps ({results['sweep_samples']:,} samples each; "
-              f"fid_floor {sweep[0]['fid_floor']:.2f}):", "",
-              "| diffusion sampler | steps | NFE | fid_classifier | class_accuracy | samples/s |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for s in sorted(sweep, key=lambda s: s["nfe"]):
+              f"fid_floor {sweeps[0][1]['fid_floor']:.2f}):", "",
+              "| model | sampler | steps | NFE | fid_classifier | class_accuracy | samples/s |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for label, s in sweeps:
       accuracy = f"{s['class_accuracy']:.3f}" if "class_accuracy" in s else "-"
-      lines.append(f"| {s['sampler']} | {s['sampling_steps']} | {s['nfe']} | "
+      lines.append(f"| {label} | {s['sampler']} | {s['sampling_steps']} | {s['nfe']} | "
                    f"{s['fid_classifier']:.2f} | {accuracy} | "
                    f"{s['sample_images_per_sec']:.0f} |")
   return "\n".join(lines)
+
+
+def labelled_runs(gan: str | None, vae: str | None, diffusion: list[str]) -> list:
+  """[(label, kind, workdir)]: one diffusion run is 'diffusion', several are labelled by
+  their objective, 'diffusion (edm)', ..."""
+  runs = [(kind, kind, w) for kind, w in (("gan", gan), ("vae", vae)) if w]
+  for workdir in diffusion:
+    label = "diffusion"
+    if len(diffusion) > 1:
+      label = f"diffusion ({open_ours(workdir)[0].loss.name})"
+    runs.append((label, "diffusion", workdir))
+  labels = [label for label, _, _ in runs]
+  if len(set(labels)) < len(labels):
+    raise SystemExit(f"two runs share a label ({labels}): give one run per objective")
+  return runs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gan", metavar="WORKDIR")
   p.add_argument("--vae", metavar="WORKDIR")
-  p.add_argument("--diffusion", metavar="WORKDIR")
+  p.add_argument("--diffusion", metavar="WORKDIR", action="append", default=[],
+                 help="a diffusion run (repeat for several)")
   p.add_argument("--samples", type=int, default=10000, help="generated images per model")
   p.add_argument("--steps-sweep", default="5,10,25,50",
                  help="diffusion: sampling steps for the FID-vs-NFE curve (comma-separated)")
@@ -131,14 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--out", default="benchmarks/results/image_models.json")
   p.add_argument("--png", default="benchmarks/results/image_models.png")
   args = p.parse_args(argv)
-  runs = {k: getattr(args, k) for k in ("gan", "vae", "diffusion") if getattr(args, k)}
+  runs = labelled_runs(args.gan, args.vae, args.diffusion)
   if not runs:
     p.error("give at least one of --gan, --vae, --diffusion")
   steps_sweep = [int(s) for s in args.steps_sweep.split(",") if s.strip()]
 
   from aigc_jax.evaluation.classifier_fid import load_or_train
   from aigc_jax.files import write_text
-  dataset = open_ours(next(iter(runs.values())))[1].family.dataset  # the runs' data
+  dataset = open_ours(runs[0][2])[1].family.dataset  # the runs' data
   fid = load_or_train(dataset, args.cache, num_samples=args.samples, epochs=2, seed=0)
   sweep_samples = args.sweep_samples or args.samples
   sweep_fid = fid if sweep_samples == args.samples else load_or_train(
@@ -146,13 +166,12 @@ def main(argv: list[str] | None = None) -> dict:
   results = {"samples": args.samples, "sweep_samples": sweep_samples,
              "classifier": fid.summary(), "models": {}}
   panels = []
-  for kind, workdir in runs.items():
-    results["models"][kind], grid = score(kind, workdir, fid, args.samples, steps_sweep,
-                                          sweep_fid, sweep_samples)
-    if results["models"][kind]["dataset"] != dataset.name:
-      p.error(f"{workdir} trained on {results['models'][kind]['dataset']}, not {dataset.name}")
-    r = results["models"][kind]
-    panels.append((f"{kind}: fid_classifier {r['fid_classifier']:.1f}", grid))
+  for label, kind, workdir in runs:
+    r, grid = score(kind, workdir, fid, args.samples, steps_sweep, sweep_fid, sweep_samples)
+    if r["dataset"] != dataset.name:
+      p.error(f"{workdir} trained on {r['dataset']}, not {dataset.name}")
+    results["models"][label] = r
+    panels.append((f"{label}: fid_classifier {r['fid_classifier']:.1f}", grid))
   text = table(results)
   print(text)
   write_text(args.out, json.dumps(results, indent=2) + "\n")

@@ -50,18 +50,24 @@ def test_one_step_updates_the_weights_and_the_ema_and_compiles_once(config, obje
   assert len(traces) == 1
 
 
-@pytest.fixture(scope="module")
-def trained():
-  """The tiny EDM model after 400 steps on the digits (EMA 0.99), with its family and the
-  metrics of its samples before and after."""
-  config = config_from_file(DIFFUSION_CONFIG, {"train.steps": 400})  # the lr schedule's
+def train_tiny(objective: str, steps: int = 400):
+  """The tiny model trained with `objective` for `steps` steps on the digits (EMA 0.99):
+  (family, state, sample metrics before, after)."""
+  config = config_from_file(DIFFUSION_CONFIG, {"train.steps": steps,  # the lr schedule's
+                                               "loss.name": objective})
   family = Family(config, None)
   state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
   before = family.sample_metrics(state)
   step = jax.jit(family.train_step)
-  for _ in range(400):
+  for _ in range(steps):
     state, _ = step(state, next(family.train_data))
   return family, state, before, family.sample_metrics(state)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """The tiny EDM model after 400 steps, its family and sample metrics before and after."""
+  return train_tiny("edm")
 
 
 def test_a_short_run_on_real_digits_lowers_fid_several_fold(trained):
@@ -71,6 +77,13 @@ def test_a_short_run_on_real_digits_lowers_fid_several_fold(trained):
   assert after["fid_classifier"] > after["fid_floor"]
   assert after["nfe"] == 11  # heun, 6 steps
   # Conditioning, 400 steps in: above chance (0.1) unguided, every class drawn.
+  assert after["class_accuracy"] > 0.2 and after["class_share_min_ratio"] > 0.3, after
+
+
+def test_flow_matching_on_real_digits_lowers_fid_several_fold():
+  """The same model and sampler (Heun on EDM's grid) trained with flow matching."""
+  _, _, before, after = train_tiny("flow")
+  assert after["fid_classifier"] < 0.25 * before["fid_classifier"], (before, after)
   assert after["class_accuracy"] > 0.2 and after["class_share_min_ratio"] > 0.3, after
 
 
@@ -126,6 +139,8 @@ def test_samples_follow_the_seed_and_the_asked_class(trained):
     ("fid.steps_sweep", (10, 0), "'fid.steps_sweep' must list"),
     ("loss.sigma_max", 0.001, "'loss.sigma_max'"),
     ("loss.timesteps", 1, "'loss.timesteps' must be an integer >= 2"),
+    ("loss.logit_mean", 0.5, "'loss.logit_mean' is not used by loss.name='edm'"),
+    ("loss.logit_std", 0.0, "'loss.logit_std' must be positive"),
 ])
 def test_bad_configs(config, key, value, message):
   section, leaf = key.split(".")
@@ -134,7 +149,7 @@ def test_bad_configs(config, key, value, message):
     prepare_config(config)
 
 
-def test_settings_an_unconditional_or_ddpm_model_does_not_read_are_refused(config):
+def test_settings_an_unconditional_ddpm_or_flow_model_does_not_read_are_refused(config):
   config.model.num_classes = 0
   config.loss.label_dropout = 0.0  # its default (0.1) is for conditional models
   with pytest.raises(UserError, match="'loss.label_dropout' is not used by an unconditional"):
@@ -150,6 +165,12 @@ def test_settings_an_unconditional_or_ddpm_model_does_not_read_are_refused(confi
   config = config_from_file(DIFFUSION_CONFIG, {"loss.name": "ddpm", "loss.p_mean": -1.0})
   with pytest.raises(UserError, match="'loss.p_mean' is not used by loss.name='ddpm'"):
     prepare_config(config)
+  config = config_from_file(DIFFUSION_CONFIG, {"loss.name": "flow", "loss.timesteps": 500})
+  with pytest.raises(UserError, match="'loss.timesteps' is not used by loss.name='flow'"):
+    prepare_config(config)
+  config = config_from_file(DIFFUSION_CONFIG, {"loss.name": "flow", "loss.sigma_max": 500.0,
+                                               "loss.logit_std": 1.5})
+  prepare_config(config)  # flow reads the sampling range and its own time distribution
 
 
 def test_a_dataset_with_other_classes_is_refused(config):

@@ -2,6 +2,7 @@
 preconditioning, oracle networks, and samplers on Gaussian data whose ideal denoiser and
 exact ODE solution are known."""
 
+import dataclasses
 import math
 
 import jax
@@ -15,6 +16,7 @@ from aigc_jax.models import diffusion_samplers as samplers
 
 DDPM = diffusion.Ddpm(timesteps=1000)
 EDM = diffusion.Edm()
+FLOW = diffusion.Flow()
 
 
 def test_cosine_schedule_is_a_decreasing_alpha_bar_with_clipped_betas():
@@ -85,6 +87,15 @@ def test_an_oracle_network_gives_the_denoiser_the_true_image():
 
   np.testing.assert_allclose(EDM.denoise(edm_oracle, x, sigma_B), x0, atol=1e-4)
 
+  t_B = sigma_B / (1 + sigma_B)  # x is the path's x_t = (1 - t) x0 + t n, scaled by 1 + sigma
+
+  def flow_oracle(x_t, time_B, labels):  # the path's velocity n - x0, from F's inputs
+    np.testing.assert_allclose(time_B, diffusion.FLOW_TIME_SCALE * t_B, rtol=1e-6)
+    np.testing.assert_allclose(x_t, FLOW.path(x0, t_B, noise), atol=1e-6)
+    return noise - x0
+
+  np.testing.assert_allclose(FLOW.denoise(flow_oracle, x, sigma_B), x0, atol=1e-4)
+
 
 def test_the_losses_vanish_for_an_oracle_and_not_for_a_wrong_network():
   x0 = _images(jax.random.PRNGKey(2))
@@ -95,6 +106,24 @@ def test_the_losses_vanish_for_an_oracle_and_not_for_a_wrong_network():
     return (x_t - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
   assert float(DDPM.loss(ddpm_oracle, x0, None, key).max()) < 1e-4
   assert float(DDPM.loss(lambda x, t, y: jnp.zeros_like(x), x0, None, key).mean()) > 0.5
+
+  def flow_oracle(x_t, time_B, labels):  # x_t = x0 + t (n - x0): the velocity from x_t
+    t = (time_B / diffusion.FLOW_TIME_SCALE)[:, None, None, None]
+    return (x_t - x0) / t
+  assert float(FLOW.loss(flow_oracle, x0, None, key).max()) < 1e-4
+  assert float(FLOW.loss(lambda x, t, y: jnp.zeros_like(x), x0, None, key).mean()) > 0.5
+
+
+def test_flow_training_times_are_logit_normal():
+  """The loss draws t = sigmoid(m + s z): its logits have the configured mean and std."""
+  times = []
+  def record(x_t, time_B, labels):
+    times.append(time_B / diffusion.FLOW_TIME_SCALE)
+    return jnp.zeros_like(x_t)
+  flow = diffusion.Flow(logit_mean=0.5, logit_std=0.8)
+  flow.loss(record, jnp.zeros((20_000, 1, 1, 1)), None, jax.random.PRNGKey(0))
+  logits = np.log(np.asarray(times[0]) / (1 - np.asarray(times[0])))
+  assert abs(logits.mean() - 0.5) < 0.02 and abs(logits.std() - 0.8) < 0.02
 
 
 # --- samplers on Gaussian data: D(x; s) = mu + v / (v + s^2) (x - mu) is the ideal denoiser,
@@ -197,6 +226,12 @@ def test_make_objective_reads_the_loss_section():
   assert diffusion.make_objective(cfg) == diffusion.Edm(0.25, -1.0, 1.0, 0.01, 50.0)
   cfg.name = "ddpm"
   assert diffusion.make_objective(cfg) == diffusion.Ddpm(1000)
+  cfg.update(name="flow", logit_mean=0.5, logit_std=0.7)
+  assert diffusion.make_objective(cfg) == diffusion.Flow(0.5, 0.7, 0.01, 50.0)
+  for name, settings in diffusion.OBJECTIVE_SETTINGS.items():  # each reads its own fields
+    fields = {f.name for f in dataclasses.fields(type(diffusion.make_objective(
+        ConfigDict({**cfg.to_dict(), "name": name}))))}
+    assert fields == set(settings), name
 
 
 def test_the_variational_bound_is_near_zero_for_an_oracle_and_large_for_a_blind_network():
@@ -215,12 +250,13 @@ def test_the_variational_bound_is_near_zero_for_an_oracle_and_large_for_a_blind_
   assert float(blind.mean()) > 1.0
 
 
-@pytest.mark.parametrize("objective", [DDPM, EDM], ids=["ddpm", "edm"])
+@pytest.mark.parametrize("objective", [DDPM, EDM, FLOW], ids=["ddpm", "edm", "flow"])
 @pytest.mark.parametrize("sampler, steps", [("heun", 18), ("euler", 100)])
 def test_each_objectives_own_grid_samples_gaussian_data_from_an_exact_network(objective,
                                                                             sampler, steps):
   """Networks that are exact for N(MU, VAR) data, seen through each objective's own
-  wrapping (DDPM: the noise from x_t and the step; EDM: F from c_in x and c_noise), and
+  wrapping (DDPM: the noise from x_t and the step; EDM: F from c_in x and c_noise; flow:
+  the velocity from x_t and t), and
   the objective's own grid (first-order Euler needs more steps than Heun): the samples
   have the data's mean and std, also with the network's output rounded to bfloat16."""
   def ddpm_net(x_vp, t_B, labels):
@@ -235,7 +271,13 @@ def test_each_objectives_own_grid_samples_gaussian_data_from_an_exact_network(ob
     x = x_in / c_in
     return (_gaussian_denoiser(x, sigma) - c_skip * x) / c_out
 
-  net = ddpm_net if objective is DDPM else edm_net
+  def flow_net(x_t, time_B, labels):  # the velocity (x_t - D) / t
+    t = time_B / diffusion.FLOW_TIME_SCALE
+    sigma = t / (1 - t)
+    x = x_t * (1 + sigma)[:, None, None, None]
+    return (x_t - _gaussian_denoiser(x, sigma)) / t[:, None, None, None]
+
+  net = {DDPM: ddpm_net, EDM: edm_net, FLOW: flow_net}[objective]
   sigmas = objective.sampling_sigmas(steps)
   x_T = jax.random.normal(jax.random.PRNGKey(0), (4000, 1, 1, 1)) * objective.prior_std(
       float(sigmas[0]))

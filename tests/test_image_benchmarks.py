@@ -33,26 +33,34 @@ def test_the_sweep_summary_reads_fid_time_and_class_shares_per_setting(tmp_path)
 
 @pytest.mark.slow
 def test_the_comparison_scores_every_model_with_one_classifier(tmp_path):
-  """Tiny GAN and diffusion runs on the digits, scored together (real sampling, real FID)."""
+  """Tiny GAN and diffusion runs (EDM and flow matching) on the digits, scored together
+  (real sampling, real FID)."""
   runs = {}
-  for kind, config in (("gan", GAN_CONFIG), ("diffusion", DIFFUSION_CONFIG)):
+  for kind, config, flags in (("gan", GAN_CONFIG, []), ("edm", DIFFUSION_CONFIG, []),
+                              ("flow", DIFFUSION_CONFIG, ["--config.loss.name=flow"])):
     runs[kind] = str(tmp_path / kind)
     proc = run_cli("train", "--config", config, "--workdir", runs[kind],
-                   "--config.fid.samples=0")
+                   "--config.fid.samples=0", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
-  results = image_models.main(["--gan", runs["gan"], "--diffusion", runs["diffusion"],
+  results = image_models.main(["--gan", runs["gan"], "--diffusion", runs["edm"],
+                               "--diffusion", runs["flow"],
                                "--samples", "300", "--steps-sweep", "2,4",
                                "--sweep-samples", "200",
                                "--cache", str(tmp_path / "cache"),
                                "--out", str(tmp_path / "cmp.json"),
                                "--png", str(tmp_path / "cmp.png")])
-  gan, diffusion = results["models"]["gan"], results["models"]["diffusion"]
-  assert gan["nfe"] == 1 and diffusion["nfe"] == 11  # heun, 6 steps
+  assert list(results["models"]) == ["gan", "diffusion (edm)", "diffusion (flow)"]
+  gan, diffusion = results["models"]["gan"], results["models"]["diffusion (edm)"]
+  flow = results["models"]["diffusion (flow)"]
+  assert gan["nfe"] == 1 and diffusion["nfe"] == 11 == flow["nfe"]  # heun, 6 steps
   assert [s["nfe"] for s in diffusion["steps_sweep"]] == [3, 7]
   assert gan["fid_floor"] == diffusion["fid_floor"]  # one classifier, one sample count
+  assert flow["fid_classifier"] != diffusion["fid_classifier"]  # two models, not one twice
   # The curve's points: fewer samples, so their own (higher) floor from the same classifier.
   assert diffusion["steps_sweep"][0]["fid_floor"] > gan["fid_floor"]
-  assert "FID against sampling steps (200 samples each" in (tmp_path / "cmp.md").read_text()
+  md = (tmp_path / "cmp.md").read_text()
+  assert "FID against sampling steps (200 samples each" in md
+  assert "| diffusion (flow) | heun | 4 | 7 |" in md
   assert gan["train_seconds"] > 0 and diffusion["params"] > 0
   assert (tmp_path / "cmp.png").exists()
-  assert "| gan (20 steps) |" in (tmp_path / "cmp.md").read_text()
+  assert "| gan (20 steps) |" in md

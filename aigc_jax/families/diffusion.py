@@ -1,7 +1,8 @@
-"""Diffusion as a family on the shared loop: a U-Net denoiser trained with DDPM's or EDM's
-objective (`loss.name`), one compiled step with an EMA of the weights, class conditioning
-with label dropout for classifier-free guidance, compiled samplers (Euler, Heun, DDIM),
-and the image families' sample figures (fid_classifier, class shares, texture).
+"""Diffusion as a family on the shared loop: a U-Net denoiser trained with DDPM's, EDM's or
+flow matching's objective (`loss.name`), one compiled step with an EMA of the weights,
+class conditioning with label dropout for classifier-free guidance, compiled samplers
+(Euler, Heun, DDIM), and the image families' sample figures (fid_classifier, class
+shares, texture).
 
 Batches from the loop hold images in [-1, 1] and their labels; the EMA weights make every
 sample and evaluation figure.
@@ -35,11 +36,6 @@ from aigc_jax.train.optim import adamw, validate_optim
 from aigc_jax.train.state import TrainState
 from aigc_jax.train.steps import make_supervised_step
 
-# Settings that only one objective or sampler reads: set on another path, an error.
-_EDM_ONLY = ("loss.sigma_data", "loss.p_mean", "loss.p_std", "loss.sigma_min",
-             "loss.sigma_max")
-_DDPM_ONLY = ("loss.timesteps",)
-
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key a diffusion run config may set, with its default (a class-conditional
@@ -52,10 +48,12 @@ def default_config() -> ml_collections.ConfigDict:
                  num_classes=10,  # 0: unconditional
                  groups=32, attention="einsum", dtype="float32")
   c.data = image_data.image_data_config()
-  c.loss = dict(name="edm",  # edm | ddpm
+  c.loss = dict(name="edm",  # edm | ddpm | flow
                 timesteps=1000,  # ddpm: steps of the cosine schedule
-                # edm: data std, log-normal training noise levels, the sampling range
-                sigma_data=0.5, p_mean=-1.2, p_std=1.2, sigma_min=0.002, sigma_max=80.0,
+                # edm: data std, log-normal training noise levels
+                sigma_data=0.5, p_mean=-1.2, p_std=1.2,
+                logit_mean=0.0, logit_std=1.0,  # flow: logit-normal training times
+                sigma_min=0.002, sigma_max=80.0,  # edm and flow: the sampling range
                 label_dropout=0.1,  # share of training labels replaced by "no label"
                 ema_decay=0.999)
   c.train = dict(steps=6000, batch_size=128, log_every=100, eval_every=1000, eval_batches=8,
@@ -99,7 +97,8 @@ def validate(c) -> None:
   require_positive(c, "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
                    "sample.num", "sample.steps", "fid.classifier_epochs",
-                   "loss.sigma_data", "loss.p_std", "loss.sigma_min", "sample.rho")
+                   "loss.sigma_data", "loss.p_std", "loss.logit_std", "loss.sigma_min",
+                   "sample.rho")
   require(c.fid.samples >= 0 and c.fid.samples != 1, "fid.samples",
           "must be 0 (off) or at least 2")
   require(all(isinstance(s, int) and s >= 1 for s in c.fid.steps_sweep), "fid.steps_sweep",
@@ -111,12 +110,14 @@ def validate(c) -> None:
   require_finite_range(c, "loss.ema_decay", 0, 1, hi_open=True)
   require_finite_range(c, "loss.label_dropout", 0, 1, hi_open=True)
   require_finite_range(c, "loss.p_mean", -10, 10)
+  require_finite_range(c, "loss.logit_mean", -10, 10)
   require_finite_range(c, "loss.sigma_max", c.loss.sigma_min, None, lo_open=True)
   require_finite_range(c, "sample.eta", 0, 1)
   require_finite_range(c, "sample.guidance", 0, None)
-  other = {"edm": _DDPM_ONLY, "ddpm": _EDM_ONLY}[c.loss.name]
-  for field in other:
-    require(not _set(c, field), field, f"is not used by loss.name={c.loss.name!r}: drop it")
+  read = objectives.OBJECTIVE_SETTINGS[c.loss.name]
+  for name in sorted({f for fields in objectives.OBJECTIVE_SETTINGS.values() for f in fields}):
+    require(name in read or not _set(c, f"loss.{name}"), f"loss.{name}",
+            f"is not used by loss.name={c.loss.name!r}: drop it")
   require(c.sample.sampler == "ddim" or not _set(c, "sample.eta"), "sample.eta",
           f"is DDIM's: it is not used by sample.sampler={c.sample.sampler!r}")
   if c.model.num_classes == 0:

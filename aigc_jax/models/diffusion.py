@@ -15,6 +15,10 @@ wrapped differently by each:
     preconditioning; log sigma ~ N(p_mean, p_std^2); loss weight lambda(sigma) =
     (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2, i.e. the network's own target has
     unit variance.
+  Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): the straight path
+    x_t = (1 - t) x0 + t n, t in [0, 1], is x / (1 + sigma) with t = sigma / (1 + sigma);
+    the network sees x_t and t and predicts the path's velocity v = n - x0, so D = x_t -
+    t * F. Loss: ||F - (n - x0)||^2 at logit-normal t (Esser et al. 2024, "SD3").
 
 `Network = Callable[[x_in_BHWC, noise_B, labels_B | None], out_BHWC]`.
 """
@@ -30,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 Network = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
-OBJECTIVES = ("ddpm", "edm")
+OBJECTIVES = ("ddpm", "edm", "flow")
 # The U-Net embeds its noise input with DDPM's timestep frequencies (1 .. 1/10,000 per
 # unit), so EDM's c_noise = ln(sigma) / 4 is scaled to a timestep-like range.
 EDM_NOISE_SCALE = 1000.0
+# Flow matching's t in [0, 1] is scaled to the same timestep-like range.
+FLOW_TIME_SCALE = 1000.0
 # The highest noise level a DDPM trajectory starts from (EDM's sigma_max): far above the
 # data's scale, so x there is noise, but not the schedule's ~2e4 (see Ddpm.sampling_sigmas).
 DDPM_SAMPLING_SIGMA_MAX = 80.0
@@ -206,15 +212,68 @@ class Edm:
     return self.loss_weight(sigma_B) * jnp.mean((denoised - x0_BHWC) ** 2, axis=(1, 2, 3))
 
 
-Objective = Ddpm | Edm
+@dataclasses.dataclass(frozen=True)
+class Flow:
+  """Flow matching on the straight path from data (t = 0) to noise (t = 1), velocity
+  prediction, logit-normal training times; sampled on EDM's grid of sigma = t / (1 - t)."""
+
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+
+  def prior_std(self, sigma: float) -> float:
+    """x_1 ~ N(0, 1) on the path is N(0, (1 + sigma)^2) here; at a finite sigma_max the
+    path's x_t still holds x0 / (1 + sigma), so the start is noise of std sqrt(1 +
+    sigma^2), as DDPM's (the data's own share is at most 1)."""
+    return math.sqrt(1.0 + sigma ** 2)
+
+  def sampling_sigmas(self, steps: int, rho: float = 7.0) -> np.ndarray:
+    """[steps + 1] descending noise levels, the last 0 (EDM's rho spacing)."""
+    from aigc_jax.models.diffusion_samplers import karras_sigmas
+    return karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
+
+  def path(self, x0_BHWC, t_B, noise_BHWC) -> jax.Array:
+    """x_t = (1 - t) x0 + t noise at times t_B in [0, 1]."""
+    t = _per_image(t_B)
+    return (1 - t) * x0_BHWC + t * noise_BHWC
+
+  def denoise(self, network: Network, x_BHWC, sigma_B, labels_B=None) -> jax.Array:
+    """D(x; sigma) = x_t - t F(x_t, t) with t = sigma / (1 + sigma), x_t = x / (1 + sigma)."""
+    t_B = sigma_B / (1 + sigma_B)
+    x_t = x_BHWC / _per_image(1 + sigma_B)
+    return x_t - _per_image(t_B) * network(x_t, FLOW_TIME_SCALE * t_B, labels_B)
+
+  def loss(self, network: Network, x0_BHWC, labels_B, key) -> jax.Array:
+    """||F(x_t, t) - (noise - x0)||^2 per image [B] (mean over pixels), logit t ~
+    N(logit_mean, logit_std^2)."""
+    k_t, k_n = jax.random.split(key)
+    B = x0_BHWC.shape[0]
+    t_B = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(k_t, (B,)))
+    noise = jax.random.normal(k_n, x0_BHWC.shape, x0_BHWC.dtype)
+    velocity = network(self.path(x0_BHWC, t_B, noise), FLOW_TIME_SCALE * t_B, labels_B)
+    return jnp.mean((velocity - (noise - x0_BHWC)) ** 2, axis=(1, 2, 3))
+
+
+Objective = Ddpm | Edm | Flow
+
+# The `loss` settings each objective reads (the others are errors when set).
+OBJECTIVE_SETTINGS = {
+    "ddpm": ("timesteps",),
+    "edm": ("sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max"),
+    "flow": ("logit_mean", "logit_std", "sigma_min", "sigma_max"),
+}
 
 
 def make_objective(loss_cfg) -> Objective:
-  """The objective a run config's `loss` section names (`loss.name`: ddpm | edm)."""
+  """The objective a run config's `loss` section names (`loss.name`: ddpm | edm | flow)."""
   if loss_cfg.name == "ddpm":
     return Ddpm(timesteps=int(loss_cfg.timesteps))
   if loss_cfg.name == "edm":
     return Edm(sigma_data=float(loss_cfg.sigma_data), p_mean=float(loss_cfg.p_mean),
                p_std=float(loss_cfg.p_std), sigma_min=float(loss_cfg.sigma_min),
                sigma_max=float(loss_cfg.sigma_max))
+  if loss_cfg.name == "flow":
+    return Flow(logit_mean=float(loss_cfg.logit_mean), logit_std=float(loss_cfg.logit_std),
+                sigma_min=float(loss_cfg.sigma_min), sigma_max=float(loss_cfg.sigma_max))
   raise ValueError(f"unknown objective {loss_cfg.name!r}; choose one of {OBJECTIVES}")

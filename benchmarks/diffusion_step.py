@@ -47,8 +47,8 @@ def measure_sampling(family: Family, num: int, timed_calls: int = 2) -> dict:
   params = jax.jit(lambda: family.init_state(jax.random.PRNGKey(0)).extra["ema"])()
   fn = family._sample_fn(SAMPLE_SAMPLER, SAMPLE_STEPS, 0.0, 1.0, False)
   x = family.start_noise(num, 0)
-  labels = (np.arange(num, dtype=np.int32) % family.unet_cfg.num_classes
-            if family.unet_cfg.num_classes else None)
+  labels = (np.arange(num, dtype=np.int32) % family.net_cfg.num_classes
+            if family.net_cfg.num_classes else None)
   key = jax.random.PRNGKey(1)
   median, best, _ = timed(lambda: fn(params, x, labels, key)[0], timed_calls, warmup=1)
   flops = count_matmul_flops(lambda p, x, y: fn(p, x, y, key)[0], params, x, labels)
@@ -67,7 +67,7 @@ def bench(case: str, steps: int, dtype: str = "float32", torch: bool = False,
   if torch:
     from benchmarks.torch_unet import time_step
     torch_fn = functools.partial(time_step, family.config, batch, steps)
-  u = family.unet_cfg
+  u = family.net_cfg
   shape = (f"{u.image_size}x{u.image_size}x{u.channels} width {u.width} "
            f"x{'/'.join(map(str, u.channel_mults))}")
   row = step_row("diffusion", case, shape, dtype, batch, measured, model_flops(measured),

@@ -74,7 +74,7 @@ def score(kind: str, workdir: str, fid, num: int, steps_sweep=(), sweep_fid=None
     seconds = time.perf_counter() - start
     # A conditional diffusion model draws the classes in turn (the test set's balanced
     # shares); its class_accuracy says how often the classifier agrees.
-    classes = getattr(run.family, "unet_cfg", None)
+    classes = getattr(run.family, "net_cfg", None)
     labels = (np.arange(n) % classes.num_classes) if classes and classes.num_classes \
         else None
     figures = image_quality.sample_quality(judge, images, dataset, texture, labels)

@@ -23,6 +23,7 @@ MUSIC_CONFIG = str(ROOT / "configs" / "music_tiny.py")
 GAN_CONFIG = str(ROOT / "configs" / "gan_tiny.py")
 VAE_CONFIG = str(ROOT / "configs" / "vae_tiny.py")
 DIFFUSION_CONFIG = str(ROOT / "configs" / "diffusion_tiny.py")
+DIT_CONFIG = str(ROOT / "configs" / "diffusion_dit_tiny.py")
 
 
 @pytest.fixture

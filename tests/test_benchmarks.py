@@ -114,7 +114,7 @@ def test_diffusion_sampling_flops_are_nfe_forward_passes_and_pytorch_unet_matche
     params = jax.eval_shape(lambda fam=family: fam.init_state(jax.random.PRNGKey(0)).params)
     forward = count_matmul_flops(
         lambda p, x, s, fam=family: nnx.merge(fam.graphdef, p)(x, s, jnp.zeros(1, jnp.int32)),
-        params, jax.ShapeDtypeStruct((1, *family.unet_cfg.image_shape), jnp.float32),
+        params, jax.ShapeDtypeStruct((1, *family.net_cfg.image_shape), jnp.float32),
         jax.ShapeDtypeStruct((1,), jnp.float32))
     if case == "tiny":  # runs the sampler: seconds
       measured = diffusion_step.measure_sampling(family, 3, timed_calls=1)
@@ -125,9 +125,9 @@ def test_diffusion_sampling_flops_are_nfe_forward_passes_and_pytorch_unet_matche
     net = torch_unet.build(family.config.model)
     ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert sum(p.numel() for p in net.parameters()) == ours, case
-    y = net(torch.zeros(2, family.unet_cfg.channels, *family.unet_cfg.image_shape[:2]),
+    y = net(torch.zeros(2, family.net_cfg.channels, *family.net_cfg.image_shape[:2]),
             torch.ones(2), torch.zeros(2, dtype=torch.long))
-    assert tuple(y.shape) == (2, family.unet_cfg.channels, *family.unet_cfg.image_shape[:2])
+    assert tuple(y.shape) == (2, family.net_cfg.channels, *family.net_cfg.image_shape[:2])
 
 
 def replicated_and_fsdp_tiny_lm() -> dict:

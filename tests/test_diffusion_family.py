@@ -14,7 +14,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.families.diffusion import Family
 from aigc_jax.models import diffusion_samplers as samplers
 from aigc_jax.train.loop import prepare_config
-from tests.conftest import DIFFUSION_CONFIG, run_cli
+from tests.conftest import DIFFUSION_CONFIG, DIT_CONFIG, run_cli
 
 
 @pytest.fixture
@@ -50,11 +50,11 @@ def test_one_step_updates_the_weights_and_the_ema_and_compiles_once(config, obje
   assert len(traces) == 1
 
 
-def train_tiny(objective: str, steps: int = 400):
+def train_tiny(objective: str, steps: int = 400, config_file: str = DIFFUSION_CONFIG):
   """The tiny model trained with `objective` for `steps` steps on the digits (EMA 0.99):
   (family, state, sample metrics before, after)."""
-  config = config_from_file(DIFFUSION_CONFIG, {"train.steps": steps,  # the lr schedule's
-                                               "loss.name": objective})
+  config = config_from_file(config_file, {"train.steps": steps,  # the lr schedule's
+                                          "loss.name": objective})
   family = Family(config, None)
   state = jax.jit(family.init_state)(jax.random.PRNGKey(0))
   before = family.sample_metrics(state)
@@ -87,13 +87,20 @@ def test_flow_matching_on_real_digits_lowers_fid_several_fold():
   assert after["class_accuracy"] > 0.2 and after["class_share_min_ratio"] > 0.3, after
 
 
+def test_a_dit_on_real_digits_lowers_fid_several_fold_and_follows_the_class():
+  """The transformer denoiser (38k parameters, 16 patch tokens) on the same loop."""
+  _, _, before, after = train_tiny("edm", 1000, DIT_CONFIG)
+  assert after["fid_classifier"] < 0.25 * before["fid_classifier"], (before, after)
+  assert after["class_accuracy"] > 0.3 and after["class_share_min_ratio"] > 0.3, after
+
+
 def test_ddim_without_noise_is_deterministic_and_invertible(trained):
   family, state, _, _ = trained
   params = state.extra["ema"]
   model = family.graphdef
   from flax import nnx
   denoise = lambda x, s: family.objective.denoise(
-      family._network(nnx.merge(model, params)), x, s, None if not family.unet_cfg.num_classes
+      family._network(nnx.merge(model, params)), x, s, None if not family.net_cfg.num_classes
       else jnp.full((x.shape[0],), family.null_label))
   x0 = jnp.asarray(family.eval_batches()[0]["images"][:8])
   errors = []
@@ -171,6 +178,21 @@ def test_settings_an_unconditional_ddpm_or_flow_model_does_not_read_are_refused(
   config = config_from_file(DIFFUSION_CONFIG, {"loss.name": "flow", "loss.sigma_max": 500.0,
                                                "loss.logit_std": 1.5})
   prepare_config(config)  # flow reads the sampling range and its own time distribution
+
+
+def test_settings_the_other_architecture_reads_are_refused(config):
+  config.model.patch_size = 4
+  with pytest.raises(UserError, match="'model.patch_size' is not used by model.arch='unet'"):
+    prepare_config(config)
+  dit = config_from_file(DIT_CONFIG, {"model.width": 32})
+  with pytest.raises(UserError, match="'model.width' is not used by model.arch='dit'"):
+    prepare_config(dit)
+  dit = config_from_file(DIT_CONFIG, {"model.arch": "vit"})
+  with pytest.raises(UserError, match="'model.arch' must be one of"):
+    prepare_config(dit)
+  dit = config_from_file(DIT_CONFIG, {"model.patch_size": 3})
+  with pytest.raises(UserError, match="not divisible by model.patch_size=3"):
+    prepare_config(dit)
 
 
 def test_a_dataset_with_other_classes_is_refused(config):

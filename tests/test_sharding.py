@@ -9,6 +9,7 @@ from flax import nnx
 
 from aigc_jax.config import config_from_file
 from aigc_jax.errors import UserError
+from aigc_jax.models.dit import DiT, DiTConfig
 from aigc_jax.models.gan import GanConfig, build_gan
 from aigc_jax.models.transformer import Transformer, TransformerConfig
 from aigc_jax.models.vae import VAE, VaeConfig
@@ -16,7 +17,7 @@ from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import mesh as mesh_lib
 from aigc_jax.train import sharding as sharding_lib
 from aigc_jax.train.loop import open_run
-from tests.conftest import DIFFUSION_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
+from tests.conftest import DIFFUSION_CONFIG, DIT_CONFIG, GAN_CONFIG, ROOT, TINY_CONFIG, VAE_CONFIG
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8,
                              reason="needs 8 devices: `make test-8dev` runs it on 8 fake CPUs")
@@ -67,7 +68,9 @@ def test_lora_adapters_and_conv_nets_are_named_on_every_parameter():
   assert names["blocks.1.mlp.down.lora.b"] == ("lora_rank", "embed")
   g, d = build_gan(GanConfig(image_size=8, width=16, z_dim=8, d_norm="spectral"), nnx.Rngs(0))
   vae = VAE(VaeConfig(image_size=8, width=8, hidden=32, latent_dim=4), rngs=nnx.Rngs(0))
-  for module in (g, d, vae):
+  dit = DiT(DiTConfig(image_size=8, patch_size=2, dim=16, depth=1, head_dim=8, mlp_dim=32,
+                      num_classes=3), rngs=nnx.Rngs(0))
+  for module in (g, d, vae, dit):
     names = _flat(param_names(module))
     params = _flat(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     assert names.keys() == params.keys()
@@ -75,6 +78,11 @@ def test_lora_adapters_and_conv_nets_are_named_on_every_parameter():
       assert len(names[path]) == leaf.ndim and any(names[path]), (path, names[path])
   assert _flat(param_names(d))["head.kernel"] == ("dense_in", "out")
   assert _flat(param_names(g))["ups.0.kernel"][-1] == "image_channels"
+  # The DiT's attention and MLP are named as the LM's: heads and mlp split over 'tensor'.
+  dit_names = _flat(param_names(dit))
+  assert dit_names["blocks.0.q.kernel"] == ("embed", "heads")
+  assert dit_names["blocks.0.o.kernel"] == ("heads", "embed")
+  assert dit_names["blocks.0.mlp.down.kernel"] == ("mlp", "embed")
 
 
 def test_a_module_with_names_runs_and_trains_with_no_mesh_at_all():
@@ -174,11 +182,13 @@ def test_lm_training_on_any_mesh_equals_one_device(tmp_path, mesh):
 
 @needs_8
 @pytest.mark.sharded
-@pytest.mark.parametrize("config_file", [GAN_CONFIG, VAE_CONFIG, DIFFUSION_CONFIG],
-                         ids=["gan", "vae", "diffusion"])
-def test_image_families_training_under_fsdp8_equals_one_device(tmp_path, config_file):
+@pytest.mark.parametrize("config_file, mesh", [
+    (GAN_CONFIG, {"fsdp": 8}), (VAE_CONFIG, {"fsdp": 8}), (DIFFUSION_CONFIG, {"fsdp": 8}),
+    (DIT_CONFIG, {"fsdp": 4, "tensor": 2})], ids=["gan", "vae", "diffusion", "dit-fsdp4-tensor2"])
+def test_image_families_training_sharded_equals_one_device(tmp_path, config_file, mesh):
   reference = _train(config_file, ONE_DEVICE, tmp_path / "one")
-  sharded = _train(config_file, {"mesh.data": 1, "mesh.fsdp": 8}, tmp_path / "fsdp")
+  sharded = _train(config_file, {"mesh.data": 1, **{f"mesh.{k}": v for k, v in mesh.items()}},
+                   tmp_path / "fsdp")
   _assert_same_training(reference, sharded)
   state = sharded[2].state
   assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))

@@ -1,8 +1,8 @@
-"""Diffusion as a family on the shared loop: a U-Net denoiser trained with DDPM's, EDM's or
-flow matching's objective (`loss.name`), one compiled step with an EMA of the weights,
-class conditioning with label dropout for classifier-free guidance, compiled samplers
-(Euler, Heun, DDIM), and the image families' sample figures (fid_classifier, class
-shares, texture).
+"""Diffusion as a family on the shared loop: a U-Net or DiT denoiser (`model.arch`) trained
+with DDPM's, EDM's or flow matching's objective (`loss.name`), one compiled step with an
+EMA of the weights, class conditioning with label dropout for classifier-free guidance,
+compiled samplers (Euler, Heun, DDIM), and the image families' sample figures
+(fid_classifier, class shares, texture).
 
 Batches from the loop hold images in [-1, 1] and their labels; the EMA weights make every
 sample and evaluation figure.
@@ -10,6 +10,7 @@ sample and evaluation figure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -27,6 +28,7 @@ from aigc_jax.evaluation import image_quality
 from aigc_jax.families.diffusion_sampling import DiffusionSampling
 from aigc_jax.models import diffusion as objectives
 from aigc_jax.models import diffusion_samplers as samplers
+from aigc_jax.models.dit import DiT, DiTConfig
 from aigc_jax.models.unet import UNet, UNetConfig
 from aigc_jax.nn.partitioning import param_names
 from aigc_jax.train import guard
@@ -43,10 +45,15 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.family = "diffusion"
   c.seed = 0
-  c.model = dict(arch="unet", image_size=28, channels=1, width=64, channel_mults=(1, 2, 2),
-                 blocks_per_level=2, attention_levels=(2,), head_dim=32, dropout=0.1,
+  c.model = dict(arch="unet",  # unet | dit
+                 image_size=28, channels=1, head_dim=32, dropout=0.1,
                  num_classes=10,  # 0: unconditional
-                 groups=32, attention="einsum", dtype="float32")
+                 attention="einsum", dtype="float32",
+                 # unet: widths and depth per level, attention levels, GroupNorm groups
+                 width=64, channel_mults=(1, 2, 2), blocks_per_level=2, attention_levels=(2,),
+                 groups=32,
+                 # dit: patch size, token width, blocks, SwiGLU width
+                 patch_size=2, dim=256, depth=6, mlp_dim=1024)
   c.data = image_data.image_data_config()
   c.loss = dict(name="edm",  # edm | ddpm | flow
                 timesteps=1000,  # ddpm: steps of the cosine schedule
@@ -72,9 +79,26 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def unet_config(model_cfg) -> UNetConfig:
-  """The U-Net of a `model` section (every key but `arch`)."""
-  return UNetConfig(**{k: v for k, v in dict(model_cfg).items() if k != "arch"})
+# The networks by model.arch: (config class, module class).
+ARCHITECTURES = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}
+
+
+def network_config(model_cfg) -> UNetConfig | DiTConfig:
+  """The network of a `model` section: the fields its `arch` reads (a field only the
+  other architecture reads, set away from its default, is an error)."""
+  arch = model_cfg.arch
+  require(arch in ARCHITECTURES, "model.arch",
+          f"must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+  config_class = ARCHITECTURES[arch][0]
+  read = {f.name for f in dataclasses.fields(config_class)}
+  defaults = default_config().model
+  for name, value in dict(model_cfg).items():
+    if name == "arch" or name in read:
+      continue
+    unchanged = (list(value) == list(defaults[name]) if isinstance(value, (list, tuple))
+                 else value == defaults[name])
+    require(unchanged, f"model.{name}", f"is not used by model.arch={arch!r}: drop it")
+  return config_class(**{k: v for k, v in dict(model_cfg).items() if k in read})
 
 
 def _set(c, dotted: str) -> bool:
@@ -88,8 +112,7 @@ def _set(c, dotted: str) -> bool:
 
 
 def validate(c) -> None:
-  require(c.model.arch == "unet", "model.arch", f"must be 'unet', got {c.model.arch!r}")
-  unet_config(c.model)  # names the bad model field
+  network_config(c.model)  # names the bad model field
   require(c.loss.name in objectives.OBJECTIVES, "loss.name",
           f"must be one of {objectives.OBJECTIVES}, got {c.loss.name!r}")
   image_data.validate_image_data_config(c)
@@ -136,9 +159,10 @@ class Family(DiffusionSampling):
 
   def __init__(self, config, workdir: str | None):
     self.config, self.workdir = config, workdir
-    self.unet_cfg = unet_config(config.model)
+    self.net_cfg = network_config(config.model)
+    self.network_class = ARCHITECTURES[config.model.arch][1]
     self.objective = objectives.make_objective(config.loss)
-    abstract = nnx.eval_shape(lambda: UNet(self.unet_cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: self.network_class(self.net_cfg, rngs=nnx.Rngs(0)))
     self.graphdef = nnx.split(abstract)[0]
     self._param_names = param_names(abstract)
     self.tx, self.schedule = adamw(config.optim, config.train.steps)
@@ -148,8 +172,8 @@ class Family(DiffusionSampling):
   # --- data -------------------------------------------------------------------------
   @functools.cached_property
   def dataset(self) -> image_data.ImageDataset:
-    dataset = image_data.load_image_dataset(self.config.data, self.unet_cfg.image_shape)
-    classes = self.unet_cfg.num_classes
+    dataset = image_data.load_image_dataset(self.config.data, self.net_cfg.image_shape)
+    classes = self.net_cfg.num_classes
     if classes and dataset.num_classes != classes:
       raise UserError(f"config 'model.num_classes' is {classes} but dataset "
                       f"{dataset.name!r} has {dataset.num_classes} classes: set "
@@ -165,7 +189,7 @@ class Family(DiffusionSampling):
   def batch_spec(self) -> dict:
     """One global training batch's shapes (for the memory planner), without reading data."""
     B = self.config.train.batch_size
-    return {"images": jax.ShapeDtypeStruct((B, *self.unet_cfg.image_shape), jnp.float32),
+    return {"images": jax.ShapeDtypeStruct((B, *self.net_cfg.image_shape), jnp.float32),
             "labels": jax.ShapeDtypeStruct((B,), jnp.int32)}
 
   def eval_batches(self):
@@ -183,29 +207,30 @@ class Family(DiffusionSampling):
 
   def init_state(self, rng: jax.Array) -> TrainState:
     k_model, k_train = jax.random.split(rng)
-    params = nnx.to_pure_dict(nnx.state(UNet(self.unet_cfg, rngs=nnx.Rngs(params=k_model))))
+    params = nnx.to_pure_dict(nnx.state(self.network_class(self.net_cfg,
+                                                               rngs=nnx.Rngs(params=k_model))))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=k_train, extra={"ema": params})
 
   @property
   def null_label(self) -> int:
-    """The label id meaning "no label" (the U-Net's last label row)."""
-    return self.unet_cfg.num_classes
+    """The label id meaning "no label" (the network's last label row)."""
+    return self.net_cfg.num_classes
 
-  def _network(self, model: UNet, dropout_key=None):
+  def _network(self, model: UNet | DiT, dropout_key=None):
     return lambda x, noise, labels: model(x, noise, labels, dropout_key)
 
   def _labels(self, labels_B):
     """The model's labels for a batch's class ids (None: an unconditional model)."""
-    return labels_B.astype(jnp.int32) if self.unet_cfg.num_classes else None
+    return labels_B.astype(jnp.int32) if self.net_cfg.num_classes else None
 
-  def _loss(self, model: UNet, batch, rng, step):
+  def _loss(self, model: UNet | DiT, batch, rng, step):
     k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
     labels = self._labels(batch["labels"])
     if labels is not None and self.config.loss.label_dropout > 0:
       dropped = jax.random.bernoulli(k_drop, self.config.loss.label_dropout, labels.shape)
       labels = jnp.where(dropped, self.null_label, labels)
-    dropout_key = k_dropout if self.unet_cfg.dropout > 0 else None
+    dropout_key = k_dropout if self.net_cfg.dropout > 0 else None
     loss_B = self.objective.loss(self._network(model, dropout_key), batch["images"], labels,
                                  k_loss)
     return loss_B.mean(), {}
@@ -247,7 +272,7 @@ class Family(DiffusionSampling):
     n = sums["count"]
     metrics = {"val_loss": sums["loss_sum"] / n}
     if "vlb_sum" in sums:
-      dims = int(np.prod(self.unet_cfg.image_shape)) * math.log(2)
+      dims = int(np.prod(self.net_cfg.image_shape)) * math.log(2)
       mean = sums["vlb_sum"] / n
       variance = max(sums["vlb_sq_sum"] / n - mean ** 2, 0.0) * n / max(n - 1, 1)
       metrics.update(bits_per_dim=mean / dims, bits_per_dim_stderr=math.sqrt(variance / n) / dims)
@@ -267,7 +292,7 @@ class Family(DiffusionSampling):
   def _quality(self, state: TrainState, **options) -> dict:
     num = self.fid_evaluator.num_samples
     images, _ = self.sample_images(state.extra["ema"], num, self.config.seed + 11, **options)
-    labels = (np.arange(num) % self.unet_cfg.num_classes) if self.unet_cfg.num_classes \
+    labels = (np.arange(num) % self.net_cfg.num_classes) if self.net_cfg.num_classes \
         else None
     return image_quality.sample_quality(self.fid_evaluator, images, self.dataset,
                                         self._data_texture, labels)

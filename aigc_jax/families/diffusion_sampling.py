@@ -2,7 +2,7 @@
 the objective's noise levels, guidance, one jit per setting), fixed-noise sample grids
 with one class per row, the denoising strip, and `aigc-jax sample`'s options.
 
-A mixin of `aigc_jax.families.diffusion.Family`, which provides `config`, `unet_cfg`,
+A mixin of `aigc_jax.families.diffusion.Family`, which provides `config`, `net_cfg`,
 `objective`, `graphdef`, `null_label` and `_network`.
 """
 
@@ -71,7 +71,7 @@ class DiffusionSampling:
     """The unit-variance noise [num, H, W, C] a trajectory for `seed` starts from (times
     the objective's prior std); the seed's other key draws DDIM's noise."""
     k_start = jax.random.split(jax.random.PRNGKey(seed))[0]
-    return np.asarray(jax.random.normal(k_start, (num, *self.unet_cfg.image_shape)))
+    return np.asarray(jax.random.normal(k_start, (num, *self.net_cfg.image_shape)))
 
   def sample_images(self, params, num: int, seed: int, labels: np.ndarray | None = None,
                     trajectory: bool = False, **options) -> tuple[np.ndarray, np.ndarray | None]:
@@ -80,7 +80,7 @@ class DiffusionSampling:
     for a conditional model (None: classes in turn, 0, 1, ...); `options`: see
     `sample_options`."""
     o = self.sample_options(**options)
-    classes = self.unet_cfg.num_classes
+    classes = self.net_cfg.num_classes
     if classes and labels is None:
       labels = np.arange(num) % classes
     k_steps = jax.random.split(jax.random.PRNGKey(seed))[1]
@@ -107,7 +107,7 @@ class DiffusionSampling:
   def grid_labels(self, num: int) -> tuple[np.ndarray | None, int | None]:
     """(labels [num], columns) of a sample grid with one class per row: `num` // classes
     images of each class, in class order (an unconditional model: None, a square)."""
-    classes = self.unet_cfg.num_classes
+    classes = self.net_cfg.num_classes
     if not classes:
       return None, None
     if num < classes:
@@ -145,7 +145,7 @@ class DiffusionSampling:
 
   def check_sample_options(self, options: dict) -> dict:
     """The CLI's sampler options, checked (one UserError naming the flag)."""
-    classes = self.unet_cfg.num_classes
+    classes = self.net_cfg.num_classes
     label = options.get("label")
     if label is not None:
       if not classes:

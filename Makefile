@@ -105,14 +105,20 @@ demo: setup data
 	@echo "--- first LM sample ---"
 	@sed -n '1,25p' $(DEMO_DIR)/lm/samples/final.txt
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; a file stays in one process, so
+# its module fixtures are built once): compiling is single-threaded, so two processes keep
+# two cores busy. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 # The tests whose training runs on a mesh of every device, again with 8 fake CPU devices,
 # so the sharded code paths run (CI runs both; the rest do not depend on the device count).
 test-8dev: setup data
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q \
-	  -m 'sharded and not slow'
+	  $(PYTEST_WORKERS) -m 'sharded and not slow'
 
 
 bench: setup

@@ -148,6 +148,8 @@ def test_samples_follow_the_seed_and_the_asked_class(trained):
     ("loss.timesteps", 1, "'loss.timesteps' must be an integer >= 2"),
     ("loss.logit_mean", 0.5, "'loss.logit_mean' is not used by loss.name='edm'"),
     ("loss.logit_std", 0.0, "'loss.logit_std' must be positive"),
+    ("loss.vlb_draws", 0, r"'loss.vlb_draws' must be an integer in \[1, loss.timesteps\]"),
+    ("loss.vlb_draws", 4, "'loss.vlb_draws' is not used by loss.name='edm'"),
 ])
 def test_bad_configs(config, key, value, message):
   section, leaf = key.split(".")

@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = image_data.image_data_config()
   c.loss = dict(name="edm",  # edm | ddpm | flow
                 timesteps=1000,  # ddpm: steps of the cosine schedule
+                vlb_draws=16,  # ddpm: steps per image of the bound's estimate at evaluation
                 # edm: data std, log-normal training noise levels
                 sigma_data=0.5, p_mean=-1.2, p_std=1.2,
                 logit_mean=0.0, logit_std=1.0,  # flow: logit-normal training times
@@ -130,6 +131,9 @@ def validate(c) -> None:
           f"must be one of {samplers.SAMPLERS}, got {c.sample.sampler!r}")
   require(isinstance(c.loss.timesteps, int) and c.loss.timesteps >= 2, "loss.timesteps",
           f"must be an integer >= 2, got {c.loss.timesteps!r}")
+  require(isinstance(c.loss.vlb_draws, int) and 1 <= c.loss.vlb_draws <= c.loss.timesteps,
+          "loss.vlb_draws", f"must be an integer in [1, loss.timesteps], got "
+          f"{c.loss.vlb_draws!r}")
   require_finite_range(c, "loss.ema_decay", 0, 1, hi_open=True)
   require_finite_range(c, "loss.label_dropout", 0, 1, hi_open=True)
   require_finite_range(c, "loss.p_mean", -10, 10)

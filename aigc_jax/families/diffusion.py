@@ -94,12 +94,16 @@ def network_config(model_cfg) -> UNetConfig | DiTConfig:
   read = {f.name for f in dataclasses.fields(config_class)}
   defaults = default_config().model
   for name, value in dict(model_cfg).items():
-    if name == "arch" or name in read:
-      continue
-    unchanged = (list(value) == list(defaults[name]) if isinstance(value, (list, tuple))
-                 else value == defaults[name])
-    require(unchanged, f"model.{name}", f"is not used by model.arch={arch!r}: drop it")
+    if name != "arch" and name not in read:
+      require(not _differs(value, defaults[name]), f"model.{name}",
+              f"is not used by model.arch={arch!r}: drop it")
   return config_class(**{k: v for k, v in dict(model_cfg).items() if k in read})
+
+
+def _differs(value, default) -> bool:
+  if isinstance(default, (list, tuple)):
+    return list(value) != list(default)
+  return value != default
 
 
 def _set(c, dotted: str) -> bool:
@@ -107,9 +111,7 @@ def _set(c, dotted: str) -> bool:
   default, value = default_config(), c
   for part in dotted.split("."):
     default, value = default[part], value[part]
-  if isinstance(default, (list, tuple)):
-    return list(value) != list(default)
-  return value != default
+  return _differs(value, default)
 
 
 def validate(c) -> None:

@@ -242,9 +242,8 @@ class Flow:
   sigma_max: float = 80.0
 
   def prior_std(self, sigma: float) -> float:
-    """x_1 ~ N(0, 1) on the path is N(0, (1 + sigma)^2) here; at a finite sigma_max the
-    path's x_t still holds x0 / (1 + sigma), so the start is noise of std sqrt(1 +
-    sigma^2), as DDPM's (the data's own share is at most 1)."""
+    """Here x = (1 + sigma) x_t = x0 + sigma n: at sigma_max the start is noise of std
+    sqrt(1 + sigma^2), as DDPM's (the data's own share of the variance is at most 1)."""
     return math.sqrt(1.0 + sigma ** 2)
 
   def sampling_sigmas(self, steps: int, rho: float = 7.0) -> np.ndarray:
